@@ -1,0 +1,139 @@
+"""The `llm-twin` command line.
+
+Options are generated from the settings models, so every option also reads `LLM_TWIN_<OPTION>` and is
+validated by the same code. An invalid value exits with status 2 and one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn, get_origin
+
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from monitor import __version__
+from monitor.config import CommonSettings, DemoSettings, PrimarySettings, TwinSettings
+from monitor.logs import configure_logging
+from monitor.serving import metrics_server, run_until_stopped
+
+logger = logging.getLogger("monitor.cli")
+
+SECRET_FIELDS = {"mqtt_password"}  # environment only: command lines are visible to every local user
+
+
+def _add_options(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> None:
+    for name, field in model.model_fields.items():
+        if name in SECRET_FIELDS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = "LLM_TWIN_" + name.upper()
+        default = (
+            "" if field.default is None or get_origin(field.annotation) is list else f" (default: {field.default})"
+        )
+        help_text = f"{field.description or name}{default} [env {env}]"
+        if get_origin(field.annotation) is list or name == "corpus":
+            parser.add_argument(
+                flag, dest=name, action="append", default=argparse.SUPPRESS, help=help_text, metavar="PATH"
+            )
+        else:
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text, metavar=name.upper())
+
+
+def _fail(prog: str, message: str) -> NoReturn:
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _load(model: type[BaseSettings], given: dict[str, Any], prog: str) -> Any:
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        source = "--" + name.replace("_", "-") if name in given else "LLM_TWIN_" + name.upper()
+        value = error.get("input")
+        message = error["msg"].removeprefix("Value error, ")
+        _fail(prog, f"invalid {source} {value!r}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-twin", description="Keep an LLM twin in step with its primary and measure the gap."
+    )
+    parser.add_argument("--version", action="version", version=f"llm-twin-monitor {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    primary = commands.add_parser("primary", help="train the reference model on text and publish weights and outputs")
+    _add_options(primary, PrimarySettings)
+    twin = commands.add_parser("twin", help="follow a primary under a sync policy, compare, serve /metrics")
+    _add_options(twin, TwinSettings)
+    demo = commands.add_parser("demo", help="embedded broker, one primary and three twins (mirror, ema, frozen)")
+    _add_options(demo, DemoSettings)
+    sink = commands.add_parser("alert-sink", help="receive Alertmanager webhooks, log and count them")
+    _add_options(sink, CommonSettings)
+
+    grafana = commands.add_parser("grafana", help="Grafana helpers")
+    grafana_commands = grafana.add_subparsers(dest="grafana_command", required=True, metavar="ACTION")
+    push = grafana_commands.add_parser(
+        "push", help="upload the dashboards to an existing Grafana (token from LLM_TWIN_GRAFANA_TOKEN)"
+    )
+    push.add_argument("--grafana-url", required=True, help="base URL of Grafana, e.g. http://127.0.0.1:3000")
+    push.add_argument("--folder", default=None, help="Grafana folder uid to put the dashboards in")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+    prog = f"llm-twin {command}"
+
+    if command == "grafana":
+        from monitor.grafana.cli import grafana_push
+
+        return grafana_push(args["grafana_url"], folder=args["folder"])
+
+    model: type[CommonSettings] = {
+        "primary": PrimarySettings,
+        "twin": TwinSettings,
+        "demo": DemoSettings,
+        "alert-sink": CommonSettings,
+    }[command]
+    settings = _load(model, args, prog)
+    configure_logging(settings.log_level, settings.log_format)
+    registry = CollectorRegistry()
+    try:
+        with metrics_server(settings.metrics_host, settings.metrics_port, registry):
+            asyncio.run(run_until_stopped(lambda stop: _serve(command, settings, registry, stop), settings.duration))
+    except OSError as exc:
+        _fail(prog, str(exc))
+    return 0
+
+
+async def _serve(command: str, settings: Any, registry: CollectorRegistry, stop: asyncio.Event) -> None:
+    if command == "primary":
+        from monitor.primary.service import Primary
+
+        await Primary(settings, registry).run(stop)
+    elif command == "twin":
+        from monitor.twin.service import Twin
+
+        await Twin(settings, registry).run(stop)
+    elif command == "demo":
+        from monitor.demo import run_demo
+
+        await run_demo(settings, registry, stop)
+    elif command == "alert-sink":
+        from monitor.alerting.sink import serve_alert_sink
+
+        await serve_alert_sink(settings, registry, stop)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

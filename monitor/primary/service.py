@@ -1,0 +1,247 @@
+"""The reference primary: trains the byte model online on text and publishes weights and outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+
+import aiomqtt
+import numpy as np
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from monitor.analytics.divergence import log_softmax
+from monitor.config import PrimarySettings
+from monitor.data.corpus import TextCorpus, default_corpus_paths
+from monitor.metrics import PUBLISHED_KINDS, families
+from monitor.model.bytelm import ByteMLP, ByteMLPConfig
+from monitor.model.optim import Adam
+from monitor.primary.updates import PublishedState
+from monitor.topics import MODEL_ID_PATTERN, Topics
+from monitor.transport.mqtt import MqttLink
+from monitor.wire.envelope import Architecture, Kind
+from monitor.wire.errors import REJECT_REASONS
+
+logger = logging.getLogger(__name__)
+
+LOSS_WINDOW_STEPS = 50
+RESYNC_MIN_INTERVAL_SECONDS = 0.5  # many twins asking at once get one snapshot
+
+
+class ControlRequest(BaseModel):
+    """A twin's request on the control topic, JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: str = Field(pattern=r"^resync$")
+    twin_id: str = Field(pattern=MODEL_ID_PATTERN)
+    reason: str = Field(max_length=32)
+    version: int | None = None
+
+
+class Primary:
+    """Train, publish, answer resync requests; stop cleanly with an offline status."""
+
+    def __init__(self, settings: PrimarySettings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.model_id)
+        self.model = ByteMLP(
+            ByteMLPConfig(
+                context_size=settings.context, embedding_dim=settings.embedding_dim, hidden_dim=settings.hidden_dim
+            )
+        )
+        architecture = Architecture(
+            context_size=settings.context, embedding_dim=settings.embedding_dim, hidden_dim=settings.hidden_dim
+        )
+        self.weights = self.model.init_weights(settings.seed)
+        self.optimizer = Adam(lr=settings.learning_rate)
+        self.corpus = TextCorpus(
+            settings.corpus or default_corpus_paths(), context_size=settings.context, seed=settings.seed
+        )
+        self.state = PublishedState(settings.model_id, architecture, self.model.specs(), self.weights)
+        self.steps = 0
+        self.losses: deque[float] = deque(maxlen=LOSS_WINDOW_STEPS)
+
+        self._publish_lock = asyncio.Lock()
+        self._resync_wanted = asyncio.Event()
+        self._snapshot_on_connect = False
+
+        metric = families(registry)
+        model_id = settings.model_id
+        self._loss = metric.training_loss.labels(model_id)
+        self._version = metric.model_version.labels(model_id)
+        self._steps = metric.training_steps.labels(model_id)
+        self._resync_requests = metric.resync_requests.labels(model_id)
+        self._connected = metric.broker_connected.labels(model_id, "")
+        self._bytes = {kind: metric.published_bytes.labels(model_id, kind) for kind in PUBLISHED_KINDS}
+        self._messages = {kind: metric.published_messages.labels(model_id, kind) for kind in PUBLISHED_KINDS}
+        self._rejected = {reason: metric.messages_rejected.labels(model_id, "", reason) for reason in REJECT_REASONS}
+        self._connected.set(0)
+
+        self.link = MqttLink(
+            settings.broker_address,
+            client_id=f"llm-twin-primary-{model_id}",
+            subscriptions=[(self.topics.control, 1)],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            on_state=lambda up: self._connected.set(1 if up else 0),
+            will=aiomqtt.Will(self.topics.status, self.state.status_message(online=False), qos=1, retain=True),
+            username=settings.mqtt_username,
+            password=settings.password,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then publish the offline status and disconnect."""
+        logger.info(
+            "primary starting model_id=%s session=%s parameters=%d broker=%s",
+            self.settings.model_id,
+            self.state.session_id,
+            sum(s.size for s in self.model.specs().values()),
+            self.link.address,
+        )
+        link_stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.link.run(link_stop), name="primary-mqtt")
+            tasks.create_task(self._serve_resyncs(stop), name="primary-resync")
+            try:
+                await self._train(stop)
+            finally:
+                await self.link.disconnect_cleanly(
+                    [(self.topics.status, self.state.status_message(online=False), 1, True)]
+                )
+                link_stop.set()
+                stop.set()
+        logger.info(
+            "primary stopped model_id=%s steps=%d version=%d", self.settings.model_id, self.steps, self.state.version
+        )
+
+    async def _train(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        period = 1.0 / settings.steps_per_second if settings.steps_per_second > 0 else 0.0
+        next_step = time.monotonic()
+        updates = 0
+        while not stop.is_set():
+            if settings.max_steps and self.steps >= settings.max_steps:
+                # Hold the weights still and keep answering resyncs: a primary that stopped learning.
+                await stop.wait()
+                return
+            contexts, targets = self.corpus.next_batch(settings.batch_size)
+            loss = await asyncio.to_thread(self._step, contexts, targets)
+            self.steps += 1
+            self.losses.append(loss)
+            self._steps.inc()
+            self._loss.set(float(np.mean(self.losses)))
+
+            if self.steps % settings.publish_every == 0:
+                updates += 1
+                await self._publish_update(snapshot=updates % settings.snapshot_every == 0)
+            if self.steps % settings.outputs_every == 0:
+                await self._publish_outputs(contexts)
+
+            next_step += period
+            delay = next_step - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+            else:
+                next_step = time.monotonic()
+                await asyncio.sleep(0)  # let the MQTT link run between unthrottled steps
+
+    def _step(self, contexts: np.ndarray, targets: np.ndarray) -> float:
+        loss, grads = self.model.loss_and_grads(self.weights, contexts, targets)
+        self.optimizer.step(self.weights, grads)
+        return loss
+
+    async def _publish_update(self, *, snapshot: bool) -> None:
+        if not self.link.connected.is_set():
+            # Twins cannot receive it; when the link is back a snapshot brings them to the current weights.
+            self._snapshot_on_connect = True
+            return
+        async with self._publish_lock:
+            kind, messages = await asyncio.to_thread(
+                self.state.advance,
+                self.weights,
+                self.settings.max_message_bytes,
+                snapshot=snapshot,
+                codec=self.settings.codec,
+            )
+            self._version.set(self.state.version)
+            await self._publish_weights(kind, messages)
+
+    async def _publish_weights(self, kind: Kind, messages: list[bytes]) -> None:
+        label = "chunk" if len(messages) > 1 else kind.value
+        for payload in messages:
+            if await self.link.publish(self.topics.weights, payload, qos=1):
+                self._count(label, payload)
+            else:
+                self._snapshot_on_connect = True
+                logger.warning(
+                    "weights publish failed model_id=%s version=%d kind=%s",
+                    self.settings.model_id,
+                    self.state.version,
+                    kind,
+                )
+                return
+        logger.debug("published %s version=%d messages=%d", kind, self.state.version, len(messages))
+
+    async def _publish_outputs(self, contexts: np.ndarray) -> None:
+        logits = await asyncio.to_thread(self.model.forward, self.state.weights, contexts)
+        payload = self.state.outputs_message(contexts, log_softmax(logits))
+        if len(payload) > self.settings.max_message_bytes:
+            raise ValueError(
+                f"outputs message of {len(payload)} bytes exceeds --max-message-bytes {self.settings.max_message_bytes}; "
+                "lower --batch-size or raise the limit (and the broker's max_packet_size)"
+            )
+        if await self.link.publish(self.topics.outputs, payload, qos=0):
+            self._count("outputs", payload)
+
+    async def _on_connect(self) -> None:
+        birth = self.state.status_message(online=True)
+        if await self.link.publish(self.topics.status, birth, qos=1, retain=True):
+            self._count("status", birth)
+        if self._snapshot_on_connect or self.link.connections == 1:
+            self._snapshot_on_connect = False
+            self._resync_wanted.set()
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            request = ControlRequest.model_validate(json.loads(payload))
+        except (ValueError, ValidationError) as exc:
+            self._rejected["bad_control"].inc()
+            logger.warning(
+                "rejected control message topic=%s bytes=%d error=%s", topic, len(payload), str(exc).splitlines()[0]
+            )
+            return
+        self._resync_requests.inc()
+        logger.info(
+            "resync requested model_id=%s twin_id=%s reason=%s twin_version=%s",
+            self.settings.model_id,
+            request.twin_id,
+            request.reason,
+            request.version,
+        )
+        self._resync_wanted.set()
+
+    async def _serve_resyncs(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(self._resync_wanted.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if stop.is_set():
+                return
+            self._resync_wanted.clear()
+            async with self._publish_lock:
+                messages = await asyncio.to_thread(self.state.snapshot, self.settings.max_message_bytes)
+                self._version.set(self.state.version)
+                await self._publish_weights(Kind.SNAPSHOT, messages)
+            await asyncio.sleep(RESYNC_MIN_INTERVAL_SECONDS)
+
+    def _count(self, kind: str, payload: bytes) -> None:
+        self._messages[kind].inc()
+        self._bytes[kind].inc(len(payload))

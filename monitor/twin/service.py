@@ -1,0 +1,308 @@
+"""A twin: follow the primary over MQTT, run the same inputs, and export how far apart the two are."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from monitor.analytics.divergence import compare_distributions, log_softmax
+from monitor.analytics.weights import relative_distance
+from monitor.config import TwinSettings
+from monitor.metrics import RESYNC_REASONS, UPDATE_KINDS, families
+from monitor.model.registry import build_model
+from monitor.topics import Topics
+from monitor.transport.mqtt import MqttLink
+from monitor.twin.outputs import OutputMonitor
+from monitor.twin.policies import make_policy
+from monitor.twin.reference import ReferenceTracker, ResyncNeeded, WeightSet
+from monitor.twin.replica import Replica
+from monitor.wire.chunking import Reassembler, decode_chunk_data
+from monitor.wire.codec import Message, decode
+from monitor.wire.envelope import Kind
+from monitor.wire.errors import REJECT_REASONS, WireError
+
+logger = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.25
+RESYNC_RETRY_SECONDS = 2.0  # a lost resync request or reply is asked for again after this long
+MAX_OUTPUT_POSITIONS = 65_536
+
+
+class Twin:
+    """One twin process: reference tracking, replica sync, output comparison and metrics."""
+
+    def __init__(self, settings: TwinSettings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.model_id)
+        self.tracker = ReferenceTracker(max_parameters=settings.max_parameters)
+        self.replica = Replica(settings.replica_dtype)
+        self.policy = make_policy(settings.sync_policy, interval=settings.sync_interval, alpha=settings.ema_alpha)
+        self.reassembler = Reassembler(max_total_bytes=settings.max_parameters * 4 + (1 << 20))
+        self.announced_version = 0
+        self.primary_session: str | None = None
+        self._resync_pending_since: float | None = None
+        self._distance_dirty = False
+        self._dropped_seen = 0
+        self.weight_distance = float("nan")
+        """Latest ||W_primary - W_twin|| / ||W_primary||, also exported as a gauge."""
+        self.applied: deque[tuple[int, str]] = deque(maxlen=10_000)
+        """(version, state digest) of every update applied, newest last."""
+
+        metric = families(registry)
+        labels = (settings.model_id, settings.twin_id)
+        self.outputs = OutputMonitor(metric, *labels, window=settings.window)
+        self._rejected = {reason: metric.messages_rejected.labels(*labels, reason) for reason in REJECT_REASONS}
+        self._resyncs = {reason: metric.resyncs.labels(*labels, reason) for reason in RESYNC_REASONS}
+        self._applied = {kind: metric.updates_applied.labels(*labels, kind) for kind in UPDATE_KINDS}
+        for counter in (*self._rejected.values(), *self._resyncs.values(), *self._applied.values()):
+            counter.inc(0)
+        self._latency = metric.sync_latency.labels(*labels)
+        self._lag = metric.version_lag.labels(*labels)
+        self._applied_version = metric.applied_version.labels(*labels)
+        self._staleness = metric.staleness.labels(*labels)
+        self._distance = metric.weight_relative_distance.labels(*labels)
+        self._online = metric.primary_online.labels(*labels)
+        self._connected = metric.broker_connected.labels(*labels)
+        self._chunks_expired = metric.chunks_expired.labels(*labels)
+        self._dropped = metric.incoming_dropped.labels(*labels)
+        self._connected.set(0)
+        self._online.set(0)
+
+        self.link = MqttLink(
+            settings.broker_address,
+            client_id=f"llm-twin-twin-{settings.model_id}-{settings.twin_id}",
+            subscriptions=[(self.topics.status, 1), (self.topics.weights, 1), (self.topics.outputs, 0)],
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            on_state=lambda up: self._connected.set(1 if up else 0),
+            username=settings.mqtt_username,
+            password=settings.password,
+        )
+
+    @property
+    def reference(self) -> WeightSet | None:
+        return self.tracker.current
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set."""
+        logger.info(
+            "twin starting model_id=%s twin_id=%s policy=%s replica_dtype=%s broker=%s",
+            self.settings.model_id,
+            self.settings.twin_id,
+            self.policy.name,
+            self.replica.dtype,
+            self.link.address,
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.link.run(stop), name=f"twin-{self.settings.twin_id}-mqtt")
+            tasks.create_task(self._tick(stop), name=f"twin-{self.settings.twin_id}-tick")
+        logger.info("twin stopped twin_id=%s version=%d", self.settings.twin_id, self.replica.version)
+
+    # Incoming messages, one at a time in arrival order.
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic == self.topics.weights:
+                await self._on_weights(payload)
+            elif topic == self.topics.outputs:
+                await self._on_outputs(payload)
+            elif topic == self.topics.status:
+                self._on_status(payload)
+        except WireError as exc:
+            self._rejected[exc.reason].inc()
+            logger.warning(
+                "rejected message twin_id=%s topic=%s bytes=%d reason=%s error=%s",
+                self.settings.twin_id,
+                topic,
+                len(payload),
+                exc.reason,
+                exc,
+            )
+        except ResyncNeeded as exc:
+            logger.warning("cannot apply update twin_id=%s reason=%s error=%s", self.settings.twin_id, exc.reason, exc)
+            await self._request_resync(exc.reason)
+
+    def _decode(self, payload: bytes, kinds: tuple[Kind, ...], max_bytes: int | None = None) -> Message:
+        message = decode(payload, max_bytes=max_bytes or self.settings.max_message_bytes)
+        envelope = message.envelope
+        if envelope.model_id != self.settings.model_id:
+            raise WireError(
+                "unknown_model",
+                f"message for model {envelope.model_id!r}, this twin follows {self.settings.model_id!r}",
+            )
+        if envelope.kind not in kinds:
+            raise WireError("bad_envelope", f"kind {envelope.kind} is not accepted on this topic")
+        return message
+
+    def _on_status(self, payload: bytes) -> None:
+        envelope = self._decode(payload, (Kind.STATUS,)).envelope
+        online = envelope.status == "online"
+        self._online.set(1 if online else 0)
+        logger.info(
+            "primary status twin_id=%s session=%s status=%s version=%d",
+            self.settings.twin_id,
+            envelope.session_id,
+            envelope.status,
+            envelope.version,
+        )
+        if not online:
+            return
+        self.announced_version = (
+            max(self.announced_version, envelope.version)
+            if envelope.session_id == self.primary_session
+            else envelope.version
+        )
+        if (
+            self.primary_session is not None
+            and envelope.session_id != self.primary_session
+            and self.reference is not None
+        ):
+            # A restarted primary starts a new history; deltas of the old one no longer apply.
+            self._resync_soon("new_session")
+        self.primary_session = envelope.session_id
+        if self.tracker.architecture is None and envelope.architecture is not None:
+            self.tracker.architecture = envelope.architecture
+
+    async def _on_weights(self, payload: bytes) -> None:
+        message = self._decode(payload, (Kind.SNAPSHOT, Kind.DELTA, Kind.CHUNK))
+        if message.envelope.kind is Kind.CHUNK:
+            whole = self.reassembler.add(message.envelope, decode_chunk_data(message.tensors))
+            if whole is None:
+                return
+            message = self._decode(whole, (Kind.SNAPSHOT, Kind.DELTA), max_bytes=self.reassembler.max_total_bytes)
+
+        envelope = message.envelope
+        if envelope.session_id == self.primary_session or self.primary_session is None:
+            self.announced_version = max(self.announced_version, envelope.version)
+        updated = await asyncio.to_thread(self.tracker.apply, message)
+
+        self._resync_pending_since = None
+        self.applied.append((updated.version, updated.digest))
+        self._applied[envelope.kind.value].inc()
+        self._latency.observe(max(0.0, (time.time_ns() - envelope.created_ns) / 1e9))
+        if self.policy.on_update(self.replica, updated, time.monotonic()):
+            self._replica_changed()
+        self._distance_dirty = True
+        logger.debug("applied %s twin_id=%s version=%d", envelope.kind, self.settings.twin_id, envelope.version)
+
+    async def _on_outputs(self, payload: bytes) -> None:
+        message = self._decode(payload, (Kind.OUTPUTS,))
+        envelope = message.envelope
+        architecture = self.tracker.architecture
+        contexts = message.tensors.get("contexts")
+        logprobs = message.tensors.get("logprobs")
+        if contexts is None or logprobs is None or len(message.tensors) != 2:
+            raise WireError(
+                "bad_shape", f"outputs must carry exactly 'contexts' and 'logprobs', got {sorted(message.tensors)}"
+            )
+        if contexts.dtype != np.uint8 or logprobs.dtype != np.float32:
+            raise WireError("bad_dtype", f"outputs dtypes {contexts.dtype}/{logprobs.dtype}, expected uint8/float32")
+        if architecture is not None:
+            batch = contexts.shape[0] if contexts.ndim == 2 else -1
+            if (
+                contexts.shape != (batch, architecture.context_size)
+                or logprobs.shape != (batch, 256)
+                or not 0 < batch <= MAX_OUTPUT_POSITIONS
+            ):
+                raise WireError(
+                    "bad_shape",
+                    f"outputs shapes {contexts.shape}/{logprobs.shape}, expected (B, {architecture.context_size})/(B, 256) with 0 < B <= {MAX_OUTPUT_POSITIONS}",
+                )
+        if envelope.session_id == self.primary_session:
+            self.announced_version = max(self.announced_version, envelope.version)
+
+        weights = self.replica.weights
+        if weights is None or architecture is None:
+            return
+        model = build_model(architecture)
+        version = self.replica.version
+        twin_logprobs = await asyncio.to_thread(lambda: log_softmax(model.forward(weights, contexts)))
+        divergence = compare_distributions(logprobs, twin_logprobs)
+        cause = "same_version" if version == envelope.version else "version_lag"
+        self.outputs.record(divergence, cause)
+
+    # Resync requests.
+
+    async def _on_connect(self) -> None:
+        if self.reference is None:
+            self._resync_soon("startup")
+
+    def _resync_soon(self, reason: str) -> None:
+        asyncio.get_running_loop().create_task(self._request_resync(reason))
+
+    async def _request_resync(self, reason: str) -> None:
+        now = time.monotonic()
+        if self._resync_pending_since is not None and now - self._resync_pending_since < RESYNC_RETRY_SECONDS:
+            return
+        self._resync_pending_since = now
+        self._resyncs[reason].inc()
+        version = self.reference.version if self.reference else None
+        request = json.dumps(
+            {"request": "resync", "twin_id": self.settings.twin_id, "reason": reason, "version": version}
+        )
+        sent = await self.link.publish(self.topics.control, request.encode(), qos=1)
+        logger.info(
+            "resync requested twin_id=%s reason=%s held_version=%s sent=%s",
+            self.settings.twin_id,
+            reason,
+            version,
+            sent,
+        )
+
+    # Time-driven work.
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        last_distance = 0.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=TICK_SECONDS)
+            now = time.monotonic()
+            reference = self.reference
+            if reference is not None and self.policy.on_tick(self.replica, reference, now):
+                self._replica_changed()
+                self._distance_dirty = True
+
+            expired = self.reassembler.expire()
+            if expired:
+                self._chunks_expired.inc(expired)
+                await self._request_resync("chunk_expired")
+
+            dropped = self.link.dropped_incoming - self._dropped_seen
+            if dropped:
+                self._dropped_seen += dropped
+                self._dropped.inc(dropped)
+                await self._request_resync("queue_overflow")
+
+            if self._resync_pending_since is not None and now - self._resync_pending_since >= RESYNC_RETRY_SECONDS:
+                self._resync_pending_since = None
+                await self._request_resync("gap" if reference is not None else "startup")
+
+            self._update_gauges()
+            if (
+                self._distance_dirty
+                and now - last_distance >= 1.0
+                and reference is not None
+                and self.replica.weights is not None
+            ):
+                self._distance_dirty = False
+                last_distance = now
+                self.weight_distance = await asyncio.to_thread(
+                    relative_distance, reference.weights, self.replica.weights
+                )
+                self._distance.set(self.weight_distance)
+
+    def _replica_changed(self) -> None:
+        self._applied_version.set(self.replica.version)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self.replica.loaded:
+            self._lag.set(max(0, self.announced_version - self.replica.version))
+            self._staleness.set(max(0.0, (time.time_ns() - self.replica.created_ns) / 1e9))

@@ -1,0 +1,118 @@
+"""The `llm-twin` command line as a user runs it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from monitor.metrics import family_names
+from tests.mosquitto import free_port
+
+CONTRACT_METRICS = [
+    "llm_twin_output_kl_divergence",
+    "llm_twin_output_js_divergence",
+    "llm_twin_output_top1_agreement_ratio",
+    "llm_twin_output_l2_distance",
+    "llm_twin_weight_relative_distance",
+    "llm_twin_version_lag",
+    "llm_twin_staleness_seconds",
+    "llm_twin_sync_latency_seconds",
+    "llm_twin_updates_applied_total",
+    "llm_twin_samples_compared_total",
+    "llm_twin_messages_rejected_total",
+    "llm_twin_resyncs_total",
+    "llm_twin_broker_connected",
+    "llm_twin_primary_online",
+    "llm_twin_drift_detected_total",
+    "llm_twin_primary_training_loss",
+    "llm_twin_primary_model_version",
+    "llm_twin_primary_published_bytes_total",
+    "llm_twin_primary_published_messages_total",
+]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        (["twin", "--sync-policy", "sometimes"], {}, "invalid --sync-policy 'sometimes'"),
+        (["twin", "--ema-alpha", "1.5"], {}, "invalid --ema-alpha '1.5'"),
+        (["twin", "--replica-dtype", "int4"], {}, "invalid --replica-dtype 'int4'"),
+        (["twin"], {"LLM_TWIN_METRICS_PORT": "http"}, "invalid LLM_TWIN_METRICS_PORT 'http'"),
+        (["primary", "--broker", "tcp://127.0.0.1:1883"], {}, "invalid --broker"),
+        (["primary", "--corpus", "/no/such/corpus"], {}, "'/no/such/corpus' not found"),
+        (["twin", "--twin-id", "a/b"], {}, "invalid --twin-id 'a/b'"),
+    ],
+)
+def test_cli_invalid_option_exits_2(args: list[str], env: dict[str, str], expected: str) -> None:
+    result = _run(*args, env=env)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+
+
+def test_contract_metrics_all_defined() -> None:
+    defined = set(family_names())
+
+    missing = [name for name in CONTRACT_METRICS if name not in defined]
+
+    assert missing == []
+
+
+def test_demo_runs_and_exports_every_contract_metric() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "monitor",
+            "demo",
+            "--duration",
+            "20",
+            "--metrics-port",
+            str(port),
+            "--summary-every",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(14)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+    assert process.returncode == 0, stderr[-3000:]
+    exported = {
+        line.split("{")[0].split(" ")[0].removesuffix("_bucket")
+        for line in exposition.splitlines()
+        if not line.startswith("#")
+    }
+    missing = [name for name in CONTRACT_METRICS if name not in exported]
+    assert missing == []
+    summaries = [line for line in stdout.splitlines() if "primary loss" in line]
+    assert len(summaries) >= 3
+    assert "mirror: lag" in summaries[-1]
+    assert 'llm_twin_samples_compared_total{model_id="bytelm",twin_id="frozen"}' in exposition
