@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, get_origin
 
 from prometheus_client import CollectorRegistry
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "push", help="upload the dashboards to an existing Grafana (token from LLM_TWIN_GRAFANA_TOKEN)"
     )
     push.add_argument("--grafana-url", required=True, help="base URL of Grafana, e.g. http://127.0.0.1:3000")
-    push.add_argument("--folder", default=None, help="Grafana folder uid to put the dashboards in")
+    push.add_argument("--folder", default=None, help="title of the Grafana folder for the dashboards (created if missing)")
     return parser
 
 
@@ -95,44 +95,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"llm-twin {command}"
 
     if command == "grafana":
-        from monitor.grafana.cli import grafana_push
+        from monitor.grafana.client import grafana_push
 
         return grafana_push(args["grafana_url"], folder=args["folder"])
 
-    model: type[CommonSettings] = {
+    models: dict[str, type[CommonSettings]] = {
         "primary": PrimarySettings,
         "twin": TwinSettings,
         "demo": DemoSettings,
         "alert-sink": CommonSettings,
-    }[command]
+    }
+    model = models[command]
     settings = _load(model, args, prog)
     configure_logging(settings.log_level, settings.log_format)
     registry = CollectorRegistry()
     try:
+        main = _service(command, settings, registry)
+    except ValueError as exc:
+        _fail(prog, str(exc))
+
+    if command == "alert-sink":
+        # The sink serves /metrics itself, next to its webhook endpoint.
+        asyncio.run(run_until_stopped(main, settings.duration))
+        return 0
+    try:
         with metrics_server(settings.metrics_host, settings.metrics_port, registry):
-            asyncio.run(run_until_stopped(lambda stop: _serve(command, settings, registry, stop), settings.duration))
+            asyncio.run(run_until_stopped(main, settings.duration))
     except OSError as exc:
         _fail(prog, str(exc))
     return 0
 
 
-async def _serve(command: str, settings: Any, registry: CollectorRegistry, stop: asyncio.Event) -> None:
+def _service(command: str, settings: Any, registry: CollectorRegistry) -> Callable[[asyncio.Event], Awaitable[None]]:
+    """Build the service now, so that invalid settings fail before anything starts."""
     if command == "primary":
         from monitor.primary.service import Primary
 
-        await Primary(settings, registry).run(stop)
-    elif command == "twin":
+        return Primary(settings, registry).run
+    if command == "twin":
         from monitor.twin.service import Twin
 
-        await Twin(settings, registry).run(stop)
-    elif command == "demo":
+        return Twin(settings, registry).run
+    if command == "demo":
         from monitor.demo import run_demo
 
-        await run_demo(settings, registry, stop)
-    elif command == "alert-sink":
-        from monitor.alerting.sink import serve_alert_sink
+        return lambda stop: run_demo(settings, registry, stop)
 
-        await serve_alert_sink(settings, registry, stop)
+    from monitor.alerting.sink import serve_alert_sink
+
+    return lambda stop: serve_alert_sink(settings, registry, stop)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ class TwinSettings(CommonSettings):
     replica_dtype: ReplicaDtype = Field("float32", description="precision the replica is kept in")
     window: int = Field(20, ge=1, le=100_000, description="output batches averaged into the divergence gauges")
     max_parameters: int = Field(500_000_000, ge=1, description="largest model this twin accepts, parameters")
+    checkpoint: Path | None = Field(None, description="file to keep the applied weights in and resume from")
+    checkpoint_every: float = Field(60.0, gt=0, description="seconds between checkpoint writes (and one at stop)")
 
     @field_validator("twin_id")
     @classmethod

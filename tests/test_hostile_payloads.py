@@ -28,7 +28,7 @@ pytestmark = pytest.mark.broker
 MAX_MESSAGE_BYTES = 1_000_000
 
 
-def _hostile_cases(primary: Primary) -> list[tuple[str, str, bytes]]:
+def _hostile_cases(primary: Primary, last_seq: int) -> list[tuple[str, str, bytes]]:
     """Return (topic leaf, expected reject reason, payload) for every hostile case."""
     state = primary.state
     weights = state.weights
@@ -79,7 +79,7 @@ def _hostile_cases(primary: Primary) -> list[tuple[str, str, bytes]]:
         ("weights", "non_finite", encode(envelope(), with_inf)),
         ("weights", "unknown_model", encode(envelope(model_id="another-model"), weights)),
         ("weights", "stale_version", encode(envelope(version=0, seq=10_001), weights)),
-        ("weights", "duplicate", encode(envelope(seq=1), weights)),
+        ("weights", "duplicate", encode(envelope(seq=last_seq), weights)),
         ("weights", "checksum", bytes(tampered)),
         ("weights", "too_large", b"\0" * (MAX_MESSAGE_BYTES + 1)),
         (
@@ -124,7 +124,7 @@ def test_twin_rejects_hostile_payloads_and_keeps_weights(mosquitto: Mosquitto) -
         batches_before = twin.outputs.batches
 
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as attacker:
-            for leaf, reason, payload in _hostile_cases(primary):
+            for leaf, reason, payload in _hostile_cases(primary, twin.tracker.last_seq):
                 expected[reason] += 1
                 await attacker.publish(getattr(topics, leaf), payload, qos=1)
             deadline = time.monotonic() + 30

@@ -29,6 +29,7 @@ from monitor.wire.errors import REJECT_REASONS
 logger = logging.getLogger(__name__)
 
 LOSS_WINDOW_STEPS = 50
+OUTPUTS_HEADER_BYTES = 1024  # safetensors header and envelope of an outputs message, an upper estimate
 RESYNC_MIN_INTERVAL_SECONDS = 0.5  # many twins asking at once get one snapshot
 
 
@@ -62,6 +63,7 @@ class Primary:
         self.corpus = TextCorpus(
             settings.corpus or default_corpus_paths(), context_size=settings.context, seed=settings.seed
         )
+        self._check_outputs_fit(settings)
         self.state = PublishedState(settings.model_id, architecture, self.model.specs(), self.weights)
         self.steps = 0
         self.losses: deque[float] = deque(maxlen=LOSS_WINDOW_STEPS)
@@ -93,6 +95,17 @@ class Primary:
             username=settings.mqtt_username,
             password=settings.password,
         )
+
+    @staticmethod
+    def _check_outputs_fit(settings: PrimarySettings) -> None:
+        # Weights are chunked to fit any limit; an outputs batch is not, so refuse a limit it cannot meet.
+        needed = settings.batch_size * (settings.context + 256 * 4) + OUTPUTS_HEADER_BYTES
+        if needed > settings.max_message_bytes:
+            raise ValueError(
+                f"outputs of --batch-size {settings.batch_size} need about {needed} bytes per message, above "
+                f"--max-message-bytes {settings.max_message_bytes}; lower --batch-size or raise --max-message-bytes "
+                "(and the broker's max_packet_size)"
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then publish the offline status and disconnect."""

@@ -8,6 +8,7 @@ no torn mix of two versions. Every update must reproduce the primary's state dig
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from monitor.wire.envelope import Architecture, Kind
 from monitor.wire.errors import WireError
 
 logger = logging.getLogger(__name__)
+
+RECENT_SEQS = 4096  # sequence numbers remembered to tell a redelivery from a late, reordered message
 
 
 class ResyncNeeded(Exception):
@@ -50,6 +53,7 @@ class ReferenceTracker:
         self.session_id: str | None = None
         self.last_seq = 0
         self.gaps = 0
+        self._recent_seqs: deque[int] = deque(maxlen=RECENT_SEQS)
 
     def expected_shapes(self, architecture: Architecture) -> dict[str, tuple[tuple[int, ...], str]]:
         from monitor.model.registry import build_model
@@ -61,10 +65,10 @@ class ReferenceTracker:
         """Return the weight set after `message`; raise WireError to reject it or ResyncNeeded to resync."""
         envelope = message.envelope
         same_session = envelope.session_id == self.session_id
+        if same_session and envelope.seq in self._recent_seqs:
+            raise WireError("duplicate", f"weights seq {envelope.seq} already seen; a QoS 1 redelivery")
         if same_session and envelope.seq <= self.last_seq:
-            raise WireError(
-                "duplicate", f"weights seq {envelope.seq} already seen (last {self.last_seq}); a redelivery"
-            )
+            raise WireError("out_of_order", f"weights seq {envelope.seq} arrived after seq {self.last_seq}")
         if same_session and envelope.seq > self.last_seq + 1:
             self.gaps += 1
             logger.warning(
@@ -81,8 +85,21 @@ class ReferenceTracker:
         else:
             raise WireError("bad_envelope", f"kind {envelope.kind} does not belong on the weights topic")
 
+        if not same_session:
+            self._recent_seqs.clear()
+        self._recent_seqs.append(envelope.seq)
         self.session_id = envelope.session_id
         self.last_seq = envelope.seq
+        self.current = updated
+        return updated
+
+    def restore(self, message: Message) -> WeightSet:
+        """Start from a checkpointed snapshot as if it had just arrived, keeping its session and sequence number."""
+        self.session_id = None
+        updated = self._snapshot(message, same_session=False)
+        self.session_id = message.envelope.session_id
+        self.last_seq = message.envelope.seq
+        self._recent_seqs.clear()
         self.current = updated
         return updated
 

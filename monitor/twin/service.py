@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -19,6 +20,7 @@ from monitor.metrics import RESYNC_REASONS, UPDATE_KINDS, families
 from monitor.model.registry import build_model
 from monitor.topics import Topics
 from monitor.transport.mqtt import MqttLink
+from monitor.twin.checkpoint import load_checkpoint, save_checkpoint
 from monitor.twin.outputs import OutputMonitor
 from monitor.twin.policies import make_policy
 from monitor.twin.reference import ReferenceTracker, ResyncNeeded, WeightSet
@@ -50,6 +52,7 @@ class Twin:
         self._resync_pending_since: float | None = None
         self._distance_dirty = False
         self._dropped_seen = 0
+        self._saved_version = -1
         self.weight_distance = float("nan")
         """Latest ||W_primary - W_twin|| / ||W_primary||, also exported as a gauge."""
         self.applied: deque[tuple[int, str]] = deque(maxlen=10_000)
@@ -100,10 +103,41 @@ class Twin:
             self.replica.dtype,
             self.link.address,
         )
+        if self.settings.checkpoint is not None:
+            await asyncio.to_thread(self._resume, self.settings.checkpoint)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.link.run(stop), name=f"twin-{self.settings.twin_id}-mqtt")
             tasks.create_task(self._tick(stop), name=f"twin-{self.settings.twin_id}-tick")
+        await self._save_checkpoint()
         logger.info("twin stopped twin_id=%s version=%d", self.settings.twin_id, self.replica.version)
+
+    def _resume(self, path: Path) -> None:
+        message = load_checkpoint(path, self.reassembler.max_total_bytes)
+        if message is None:
+            return
+        try:
+            restored = self.tracker.restore(message)
+        except (WireError, ResyncNeeded) as exc:
+            logger.warning("ignoring checkpoint twin_id=%s path=%s error=%s", self.settings.twin_id, path, exc)
+            return
+        self.primary_session = restored.session_id
+        self.announced_version = restored.version
+        self._saved_version = restored.version
+        self.policy.on_update(self.replica, restored, time.monotonic())
+        self._replica_changed()
+        logger.info("resumed from checkpoint twin_id=%s path=%s version=%d", self.settings.twin_id, path, restored.version)
+
+    async def _save_checkpoint(self) -> None:
+        reference, architecture, path = self.reference, self.tracker.architecture, self.settings.checkpoint
+        if path is None or reference is None or architecture is None or reference.version == self._saved_version:
+            return
+        try:
+            await asyncio.to_thread(
+                save_checkpoint, path, self.settings.model_id, reference, architecture, self.tracker.last_seq
+            )
+            self._saved_version = reference.version
+        except OSError as exc:
+            logger.error("checkpoint write failed twin_id=%s path=%s error=%s", self.settings.twin_id, path, exc)
 
     # Incoming messages, one at a time in arrival order.
 
@@ -260,6 +294,7 @@ class Twin:
 
     async def _tick(self, stop: asyncio.Event) -> None:
         last_distance = 0.0
+        last_checkpoint = time.monotonic()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=TICK_SECONDS)
@@ -285,6 +320,9 @@ class Twin:
                 await self._request_resync("gap" if reference is not None else "startup")
 
             self._update_gauges()
+            if now - last_checkpoint >= self.settings.checkpoint_every:
+                last_checkpoint = now
+                await self._save_checkpoint()
             if (
                 self._distance_dirty
                 and now - last_distance >= 1.0

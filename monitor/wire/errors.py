@@ -19,6 +19,7 @@ RejectReason = Literal[
     "unknown_model",  # envelope names another model, or an architecture the twin cannot run
     "stale_version",  # version older than the one the twin already holds
     "duplicate",  # same sequence number seen before (QoS 1 redelivery)
+    "out_of_order",  # older sequence number than one already applied, arriving late
     "base_mismatch",  # delta built on a version the twin does not hold
     "bad_control",  # invalid control request on the primary side
 ]
