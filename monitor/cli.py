@@ -24,7 +24,7 @@ from monitor.serving import metrics_server, run_until_stopped
 
 logger = logging.getLogger("monitor.cli")
 
-SECRET_FIELDS = {"mqtt_password"}  # environment only: command lines are visible to every local user
+SECRET_FIELDS = {"mqtt_password", "grafana_token"}  # environment only: command lines are visible to every local user
 
 
 def _add_options(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> None:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(primary, PrimarySettings)
     twin = commands.add_parser("twin", help="follow a primary under a sync policy, compare, serve /metrics")
     _add_options(twin, TwinSettings)
-    demo = commands.add_parser("demo", help="embedded broker, one primary and three twins (mirror, ema, frozen)")
+    demo = commands.add_parser("demo", help="embedded broker, one primary and four twins (mirror, ema, frozen, int8)")
     _add_options(demo, DemoSettings)
     sink = commands.add_parser("alert-sink", help="receive Alertmanager webhooks, log and count them")
     _add_options(sink, CommonSettings)
@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "push", help="upload the dashboards to an existing Grafana (token from LLM_TWIN_GRAFANA_TOKEN)"
     )
     push.add_argument("--grafana-url", required=True, help="base URL of Grafana, e.g. http://127.0.0.1:3000")
-    push.add_argument("--folder", default=None, help="title of the Grafana folder for the dashboards (created if missing)")
+    push.add_argument(
+        "--folder", default=None, help="title of the Grafana folder for the dashboards (created if missing)"
+    )
     return parser
 
 

@@ -20,6 +20,8 @@ from monitor.transport.broker_url import BrokerAddress, parse_broker_url
 SyncPolicyName = Literal["mirror", "periodic", "ema", "frozen"]
 ReplicaDtype = Literal["float32", "float16", "int8"]
 DeltaCodecName = Literal["float32", "float16", "int8", "topk"]
+TwinRole = Literal["mirror", "quantized", "ema", "canary", "frozen"]
+DetectorName = Literal["page_hinkley", "adwin"]
 
 
 class CommonSettings(BaseSettings):
@@ -79,6 +81,12 @@ class PrimarySettings(CommonSettings):
     outputs_every: int = Field(1, ge=1, description="publish the outputs of every Nth training batch")
     codec: DeltaCodecName = Field("float32", description="encoding of weight deltas")
     max_steps: int = Field(0, ge=0, description="stop training after N steps but keep serving; 0 = train until stopped")
+    outputs_topk: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="publish only the top K log-probabilities per position, as LLM APIs do; 0 = all 256",
+    )
 
     @field_validator("corpus", mode="before")
     @classmethod
@@ -106,6 +114,22 @@ class TwinSettings(CommonSettings):
     replica_dtype: ReplicaDtype = Field("float32", description="precision the replica is kept in")
     window: int = Field(20, ge=1, le=100_000, description="output batches averaged into the divergence gauges")
     max_parameters: int = Field(500_000_000, ge=1, description="largest model this twin accepts, parameters")
+    role: TwinRole | None = Field(
+        None, description="what the twin is for; default from the policy and dtype (mirror, quantized, ema, ...)"
+    )
+    divergence_budget: float | None = Field(
+        None,
+        ge=0,
+        description="expected KL of this twin, nats; default: calibrated on the first --budget-warmup batches",
+    )
+    budget_warmup: int = Field(30, ge=1, le=100_000, description="output batches the budget is calibrated on")
+    detector: DetectorName = Field("page_hinkley", description="change-point detector on the divergence streams")
+    weight_group_depth: int = Field(1, ge=1, le=16, description="dot-separated name parts that form a layer group")
+    max_weight_groups: int = Field(
+        16, ge=1, le=1000, description="most layer groups exported; the rest fold into 'other'"
+    )
+    grafana_url: str | None = Field(None, description="Grafana to annotate with resyncs and drift detections")
+    grafana_token: SecretStr | None = Field(None, description="Grafana service account token (environment only)")
     checkpoint: Path | None = Field(None, description="file to keep the applied weights in and resume from")
     checkpoint_every: float = Field(60.0, gt=0, description="seconds between checkpoint writes (and one at stop)")
 
@@ -113,6 +137,17 @@ class TwinSettings(CommonSettings):
     @classmethod
     def _check_twin_id(cls, value: str) -> str:
         return check_id(value, "twin id")
+
+    @property
+    def effective_role(self) -> TwinRole:
+        """The declared role, or the one the sync policy and replica dtype imply."""
+        if self.role is not None:
+            return self.role
+        if self.sync_policy == "mirror":
+            return "mirror" if self.replica_dtype == "float32" else "quantized"
+        if self.sync_policy == "periodic":
+            return "canary"
+        return self.sync_policy
 
 
 class DemoSettings(PrimarySettings):

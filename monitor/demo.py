@@ -1,4 +1,4 @@
-"""`llm-twin demo`: one primary and three twins (mirror, ema, frozen) over an embedded broker.
+"""`llm-twin demo`: one primary and four twins (mirror, ema, frozen, int8) over an embedded broker.
 
 Everything runs in one process on one event loop and exports to one /metrics endpoint, so the whole product
 can be tried with nothing installed but the package.
@@ -15,22 +15,32 @@ from typing import TextIO
 
 from prometheus_client import CollectorRegistry
 
-from monitor.config import DemoSettings, PrimarySettings, TwinSettings
+from monitor.config import DemoSettings, PrimarySettings, ReplicaDtype, SyncPolicyName, TwinSettings
 from monitor.primary.service import Primary
 from monitor.transport.embedded_broker import EmbeddedBroker
 from monitor.twin.service import Twin
 
 logger = logging.getLogger(__name__)
 
-DEMO_TWINS = ("mirror", "ema", "frozen")
+# (twin id, sync policy, replica dtype): the three policies of the product contract, plus a quantized mirror
+# whose divergence comes from its own precision, not from lag.
+DEMO_TWINS: tuple[tuple[str, SyncPolicyName, ReplicaDtype], ...] = (
+    ("mirror", "mirror", "float32"),
+    ("ema", "ema", "float32"),
+    ("frozen", "frozen", "float32"),
+    ("int8", "mirror", "int8"),
+)
 
 
-def _twin_settings(settings: DemoSettings, broker: str, twin_id: str) -> TwinSettings:
+def _twin_settings(
+    settings: DemoSettings, broker: str, twin_id: str, policy: SyncPolicyName, dtype: ReplicaDtype
+) -> TwinSettings:
     return TwinSettings(
         broker=broker,
         model_id=settings.model_id,
         twin_id=twin_id,
-        sync_policy=twin_id,  # the demo twin ids are policy names
+        sync_policy=policy,
+        replica_dtype=dtype,
         sync_interval=settings.sync_interval,
         ema_alpha=settings.ema_alpha,
         max_message_bytes=settings.max_message_bytes,
@@ -71,9 +81,10 @@ async def run_demo(
             embedded = await stack.enter_async_context(EmbeddedBroker())
             broker = embedded.url
 
-        twins = [Twin(_twin_settings(settings, broker, twin_id), registry) for twin_id in DEMO_TWINS]
+        twins = [Twin(_twin_settings(settings, broker, *spec), registry) for spec in DEMO_TWINS]
         primary = Primary(_primary_settings(settings, broker), registry)
-        print(f"llm-twin demo: broker {broker}, twins {', '.join(DEMO_TWINS)}; Ctrl-C stops", file=out, flush=True)
+        names = ", ".join(twin_id for twin_id, _, _ in DEMO_TWINS)
+        print(f"llm-twin demo: broker {broker}, twins {names}; Ctrl-C stops", file=out, flush=True)
 
         started = time.monotonic()
         async with asyncio.TaskGroup() as tasks:

@@ -7,6 +7,7 @@ Every label value comes from a small fixed set or from configuration (model and 
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, fields
 
@@ -33,6 +34,10 @@ class Families:
     output_js: Gauge
     output_top1: Gauge
     output_l2: Gauge
+    output_kl_reverse: Gauge
+    output_tv: Gauge
+    output_topk_overlap: Gauge
+    output_kl_upper: Gauge
     output_position_kl: Histogram
     attributed_kl: Gauge
     attributed_samples: Counter
@@ -42,6 +47,10 @@ class Families:
     drift_detected: Counter
     # Twin side: weights and sync.
     weight_relative_distance: Gauge
+    weight_group_relative_distance: Gauge
+    weight_group_cosine: Gauge
+    weight_group_max_abs: Gauge
+    twin_info: Gauge
     version_lag: Gauge
     applied_version: Gauge
     staleness: Gauge
@@ -104,6 +113,30 @@ def _create(r: CollectorRegistry) -> Families:
             TWIN,
             registry=r,
         ),
+        output_kl_reverse=Gauge(
+            "llm_twin_output_reverse_kl_divergence",
+            "Mean KL(twin || primary) over the last window, nats (full distributions only)",
+            TWIN,
+            registry=r,
+        ),
+        output_tv=Gauge(
+            "llm_twin_output_total_variation_distance",
+            "Mean total variation distance over the last window, 0-1 (full distributions only)",
+            TWIN,
+            registry=r,
+        ),
+        output_topk_overlap=Gauge(
+            "llm_twin_output_topk_overlap_ratio",
+            "Mean share of the primary's top-5 tokens that are also in the twin's top 5, 0-1 (full distributions only)",
+            TWIN,
+            registry=r,
+        ),
+        output_kl_upper=Gauge(
+            "llm_twin_output_kl_divergence_upper_bound",
+            "Mean upper bound of KL(primary || twin) when the primary publishes only top-k log-probabilities, nats",
+            TWIN,
+            registry=r,
+        ),
         output_position_kl=Histogram(
             "llm_twin_output_position_kl_divergence",
             "KL(primary || twin) of single positions, nats",
@@ -142,6 +175,30 @@ def _create(r: CollectorRegistry) -> Families:
             "llm_twin_weight_relative_distance",
             "||W_primary - W_twin|| / ||W_primary|| over all tensors",
             TWIN,
+            registry=r,
+        ),
+        weight_group_relative_distance=Gauge(
+            "llm_twin_weight_group_relative_distance",
+            "||W_primary - W_twin|| / ||W_primary|| over the tensors of one layer group",
+            (*TWIN, "group"),
+            registry=r,
+        ),
+        weight_group_cosine=Gauge(
+            "llm_twin_weight_group_cosine_similarity",
+            "Cosine similarity of primary and twin weights over one layer group",
+            (*TWIN, "group"),
+            registry=r,
+        ),
+        weight_group_max_abs=Gauge(
+            "llm_twin_weight_group_max_abs_difference",
+            "Largest absolute difference of one weight between primary and twin in a layer group",
+            (*TWIN, "group"),
+            registry=r,
+        ),
+        twin_info=Gauge(
+            "llm_twin_twin_info",
+            "Configuration of a twin, value 1",
+            (*TWIN, "role", "sync_policy", "replica_dtype"),
             registry=r,
         ),
         version_lag=Gauge(
@@ -229,3 +286,14 @@ def family_names() -> list[str]:
         suffix = "_total" if isinstance(metric, Counter) else ""
         names.append(metric._name + suffix)
     return names
+
+
+def set_if_finite(gauge: Gauge, value: float) -> bool:
+    """Set `gauge` unless `value` is NaN or infinite; return whether it was set.
+
+    A NaN sample makes every comparison in an alert rule false, so a broken value must never be exported.
+    """
+    if math.isfinite(value):
+        gauge.set(value)
+        return True
+    return False

@@ -62,7 +62,9 @@ def test_broker_sigkill_and_restart(mosquitto: Mosquitto) -> None:
 
             mosquitto.kill()
             for _ in range(20):
-                connected_samples.append(_value(registry, "llm_twin_broker_connected", model_id="testlm", twin_id="mirror"))
+                connected_samples.append(
+                    _value(registry, "llm_twin_broker_connected", model_id="testlm", twin_id="mirror")
+                )
                 await asyncio.sleep(0.1)
             mosquitto.start()
 
@@ -116,7 +118,10 @@ def test_twin_restart_with_checkpoint_gets_queued_updates(mosquitto: Mosquitto, 
     assert all(history[version] == digest for version, digest in second.applied)
     # The broker queued the deltas for the persistent session and the checkpoint gave their base: no resync.
     assert applied[:3] == [applied[0], applied[0] + 1, applied[0] + 2]
-    assert _value(second_registry, "llm_twin_updates_applied_total", model_id="testlm", twin_id="mirror", kind="delta") >= 50
+    assert (
+        _value(second_registry, "llm_twin_updates_applied_total", model_id="testlm", twin_id="mirror", kind="delta")
+        >= 50
+    )
     assert _value(second_registry, "llm_twin_resyncs_total", model_id="testlm", twin_id="mirror", reason="startup") == 0
 
 
@@ -156,7 +161,9 @@ class LossyWeights:
         self._weights_topic = primary.topics.weights
         primary.link.publish = self.publish  # type: ignore[method-assign]
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False, timeout: float = 30.0) -> bool:
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False, timeout: float = 30.0
+    ) -> bool:
         if topic != self._weights_topic:
             return await self._publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
         roll = self.random.random()
@@ -199,7 +206,9 @@ def test_lossy_link_detected_and_resynced(mosquitto: Mosquitto) -> None:
         return _value(registry, name, model_id="testlm", twin_id="mirror", **labels)
 
     assert min(faults.counts.values()) > 0, faults.counts
-    resyncs = counted("llm_twin_resyncs_total", reason="gap") + counted("llm_twin_resyncs_total", reason="base_mismatch")
+    resyncs = counted("llm_twin_resyncs_total", reason="gap") + counted(
+        "llm_twin_resyncs_total", reason="base_mismatch"
+    )
     assert resyncs >= 1
     assert counted("llm_twin_messages_rejected_total", reason="duplicate") >= 1
     rejected_late = counted("llm_twin_messages_rejected_total", reason="out_of_order")

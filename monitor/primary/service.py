@@ -203,7 +203,7 @@ class Primary:
 
     async def _publish_outputs(self, contexts: np.ndarray) -> None:
         logits = await asyncio.to_thread(self.model.forward, self.state.weights, contexts)
-        payload = self.state.outputs_message(contexts, log_softmax(logits))
+        payload = self.state.outputs_message(contexts, log_softmax(logits), top_k=self.settings.outputs_topk)
         if len(payload) > self.settings.max_message_bytes:
             raise ValueError(
                 f"outputs message of {len(payload)} bytes exceeds --max-message-bytes {self.settings.max_message_bytes}; "

@@ -101,8 +101,21 @@ class PublishedState:
         )
         return Kind.DELTA, split(encode(envelope, wire), envelope, max_message_bytes)
 
-    def outputs_message(self, contexts: npt.NDArray[np.uint8], logprobs: npt.NDArray[np.float32]) -> bytes:
-        """Return an outputs message: the contexts and the log-probabilities P computed on them."""
+    def outputs_message(
+        self, contexts: npt.NDArray[np.uint8], logprobs: npt.NDArray[np.float32], *, top_k: int = 0
+    ) -> bytes:
+        """Return an outputs message: the contexts and the log-probabilities P computed on them.
+
+        With `top_k` > 0 only the k most likely tokens of each position travel, highest first, as
+        `topk_ids` and `topk_logprobs`; the twin then estimates the divergences with the tail carried as one bucket.
+        """
+        tensors: dict[str, npt.NDArray[np.generic]] = {"contexts": contexts}
+        if top_k:
+            order = np.argsort(-logprobs, axis=1, kind="stable")[:, :top_k]
+            tensors["topk_ids"] = order.astype(np.int32)
+            tensors["topk_logprobs"] = np.take_along_axis(logprobs, order, axis=1)
+        else:
+            tensors["logprobs"] = logprobs
         envelope = Envelope(
             model_id=self.model_id,
             session_id=self.session_id,
@@ -110,7 +123,7 @@ class PublishedState:
             version=self.version,
             created_ns=time.time_ns(),
         )
-        return encode(envelope, {"contexts": contexts, "logprobs": logprobs})
+        return encode(envelope, tensors)
 
     def _weights_envelope(
         self, kind: Kind, *, base_version: int | None, created_ns: int, codec: Codec = "float32"

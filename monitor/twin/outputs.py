@@ -1,66 +1,110 @@
 """Compare the twin's next-token distributions with the primary's and export the result.
 
 Each outputs batch gives one value per signal (the mean over its finite positions). The gauges show the mean
-of the last `window` batches; the attributed gauges split that by cause: `same_version` when the replica ran
-the version that produced the batch (so any divergence comes from the twin's own numerics: quantization,
+of the last `window` batches; the attributed gauges split the KL by cause: `same_version` when the replica
+ran the version that produced the batch (so any divergence comes from the twin's own numerics: quantization,
 blending) and `version_lag` when it ran another one.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
+import numpy.typing as npt
+from prometheus_client import Gauge
 
 from monitor.analytics.detectors import DriftDetector, make_detector
-from monitor.analytics.divergence import DivergenceBatch
+from monitor.analytics.divergence import DivergenceBatch, TopKDivergence
 from monitor.analytics.window import RollingWindow
 from monitor.metrics import ATTRIBUTION_CAUSES, Families
 
 logger = logging.getLogger(__name__)
 
+FloatArray = npt.NDArray[np.float64]
+
 DETECTED_SIGNALS = ("kl", "top1_disagreement")
+BUDGET_FLOOR_NATS = 1e-6  # a budget of exactly 0 would make any rounding noise an alert
+BUDGET_QUANTILE = 0.99
 
 
-@dataclass(frozen=True)
-class BatchSummary:
-    """Means of one batch over its finite positions."""
+def full_signals(batch: DivergenceBatch) -> dict[str, FloatArray]:
+    """Return the per-position signals of a comparison over full distributions."""
+    return {
+        "kl": batch.kl,
+        "kl_reverse": batch.kl_reverse,
+        "js": batch.js,
+        "tv": batch.tv,
+        "top1": batch.top1_agree,
+        "topk_overlap": batch.topk_overlap,
+        "l2": batch.l2,
+    }
 
-    kl: float
-    js: float
-    top1: float
-    l2: float
-    positions: int
-    nonfinite: int
+
+def topk_signals(batch: TopKDivergence, l2: FloatArray) -> dict[str, FloatArray]:
+    """Return the signals that a top-k comparison supports: lower bounds of KL and JS, and the KL upper bound."""
+    return {"kl": batch.kl, "kl_upper": batch.kl_upper, "js": batch.js, "top1": batch.top1_agree, "l2": l2}
 
 
-def summarize(batch: DivergenceBatch) -> BatchSummary:
-    """Return the batch means over positions where every signal is finite."""
-    stacked = np.stack([batch.kl, batch.js, batch.top1_agree, batch.l2])
-    finite = np.isfinite(stacked).all(axis=0)
-    count = int(finite.sum())
-    if count == 0:
-        return BatchSummary(float("nan"), float("nan"), float("nan"), float("nan"), 0, int(finite.size))
-    means = stacked[:, finite].mean(axis=1)
-    return BatchSummary(
-        float(means[0]), float(means[1]), float(means[2]), float(means[3]), count, int(finite.size - count)
-    )
+class DivergenceBudget:
+    """The KL a twin's role is expected to show: fixed, or calibrated on its first batches.
+
+    The calibrated budget is the 0.99 quantile of the first `warmup` batch means (at least 1e-6 nats), so an
+    alert can compare a quantized twin against its own baseline instead of against zero.
+    """
+
+    def __init__(self, gauge: Gauge, *, fixed: float | None, warmup: int) -> None:
+        self._gauge = gauge
+        self.warmup = warmup
+        self.value: float | None = None
+        self.calibrated_on: tuple[float, ...] = ()
+        self._samples: list[float] = []
+        if fixed is not None:
+            self._set(max(fixed, BUDGET_FLOOR_NATS))
+
+    def observe(self, batch_kl: float) -> None:
+        if self.value is not None:
+            return
+        self._samples.append(batch_kl)
+        if len(self._samples) >= self.warmup:
+            self.calibrated_on = tuple(self._samples)
+            self._samples.clear()
+            self._set(max(float(np.quantile(self.calibrated_on, BUDGET_QUANTILE)), BUDGET_FLOOR_NATS))
+            logger.info("divergence budget calibrated kl=%.3g batches=%d", self.value, len(self.calibrated_on))
+
+    def _set(self, value: float) -> None:
+        self.value = value
+        self._gauge.set(value)
 
 
 class OutputMonitor:
-    """Rolling windows, attribution, change-point detection and the gauges they feed, for one twin."""
+    """Rolling windows, attribution, budget and change-point detection for one twin, and the gauges they feed."""
 
     def __init__(
-        self, metrics: Families, model_id: str, twin_id: str, *, window: int, detector: str = "page_hinkley"
+        self,
+        metrics: Families,
+        model_id: str,
+        twin_id: str,
+        *,
+        window: int,
+        detector: str = "page_hinkley",
+        budget: float | None = None,
+        budget_warmup: int = 30,
     ) -> None:
         self.model_id = model_id
         self.twin_id = twin_id
         labels = (model_id, twin_id)
-        self._kl = metrics.output_kl.labels(*labels)
-        self._js = metrics.output_js.labels(*labels)
-        self._top1 = metrics.output_top1.labels(*labels)
-        self._l2 = metrics.output_l2.labels(*labels)
+        self._gauges: dict[str, Gauge] = {
+            "kl": metrics.output_kl.labels(*labels),
+            "kl_reverse": metrics.output_kl_reverse.labels(*labels),
+            "kl_upper": metrics.output_kl_upper.labels(*labels),
+            "js": metrics.output_js.labels(*labels),
+            "tv": metrics.output_tv.labels(*labels),
+            "top1": metrics.output_top1.labels(*labels),
+            "topk_overlap": metrics.output_topk_overlap.labels(*labels),
+            "l2": metrics.output_l2.labels(*labels),
+        }
         self._position_kl = metrics.output_position_kl.labels(*labels)
         self._samples = metrics.samples_compared.labels(*labels)
         self._nonfinite = metrics.output_nonfinite.labels(*labels)
@@ -69,55 +113,58 @@ class OutputMonitor:
             cause: metrics.attributed_samples.labels(*labels, cause) for cause in ATTRIBUTION_CAUSES
         }
         self._drift = {signal: metrics.drift_detected.labels(*labels, signal) for signal in DETECTED_SIGNALS}
-        for counter in self._drift.values():
+        for counter in (*self._drift.values(), *self._attributed_samples.values()):
             counter.inc(0)
 
-        self.windows = {name: RollingWindow(window) for name in ("kl", "js", "top1", "l2")}
+        self.windows = {name: RollingWindow(window) for name in self._gauges}
         self.cause_windows = {cause: RollingWindow(window) for cause in ATTRIBUTION_CAUSES}
         self.detectors: dict[str, DriftDetector] = {signal: make_detector(detector) for signal in DETECTED_SIGNALS}
+        self.budget = DivergenceBudget(
+            metrics.divergence_budget.labels(*labels, "kl"), fixed=budget, warmup=budget_warmup
+        )
         self.batches = 0
-        self.last: BatchSummary | None = None
 
-    def record(self, batch: DivergenceBatch, cause: str) -> BatchSummary:
-        """Fold one compared batch into the windows, gauges and detectors."""
-        summary = summarize(batch)
+    def record(self, signals: Mapping[str, FloatArray], cause: str) -> int:
+        """Fold one compared batch into the windows, gauges and detectors; return the positions used."""
+        finite = np.logical_and.reduce([np.isfinite(values) for values in signals.values()])
+        used = int(finite.sum())
+        broken = int(finite.size) - used
         self.batches += 1
-        self.last = summary
-        if summary.nonfinite:
+        if broken:
             # A NaN gauge would silently disable every threshold alert on it, so count such positions instead.
-            self._nonfinite.inc(summary.nonfinite)
-            logger.warning("non-finite divergence twin_id=%s positions=%d", self.twin_id, summary.nonfinite)
-        if summary.positions == 0:
-            return summary
+            self._nonfinite.inc(broken)
+            logger.warning("non-finite divergence twin_id=%s positions=%d", self.twin_id, broken)
+        if used == 0:
+            return 0
 
-        for name, value in (("kl", summary.kl), ("js", summary.js), ("top1", summary.top1), ("l2", summary.l2)):
+        means = {name: float(values[finite].mean()) for name, values in signals.items()}
+        for name, value in means.items():
             self.windows[name].append(value)
-        self._kl.set(self.windows["kl"].mean())
-        self._js.set(self.windows["js"].mean())
-        self._top1.set(self.windows["top1"].mean())
-        self._l2.set(self.windows["l2"].mean())
+            self._gauges[name].set(self.windows[name].mean())
 
-        self.cause_windows[cause].append(summary.kl)
+        kl = means["kl"]
+        self.cause_windows[cause].append(kl)
         self._attributed[cause].set(self.cause_windows[cause].mean())
-        self._attributed_samples[cause].inc(summary.positions)
-        self._samples.inc(summary.positions)
-        for value in batch.kl[np.isfinite(batch.kl)]:
+        self._attributed_samples[cause].inc(used)
+        self._samples.inc(used)
+        for value in signals["kl"][finite]:
             self._position_kl.observe(float(value))
 
-        self._detect("kl", summary.kl)
-        self._detect("top1_disagreement", 1.0 - summary.top1)
-        return summary
+        self.budget.observe(kl)
+        self._detect("kl", kl)
+        self._detect("top1_disagreement", 1.0 - means["top1"])
+        return used
 
     def _detect(self, signal: str, value: float) -> None:
         detector = self.detectors[signal]
-        stats = detector.stats()
         if detector.update(value):
             self._drift[signal].inc()
+            statistics = {key: round(number, 6) for key, number in detector.stats().items()}
             logger.warning(
-                "drift detected model_id=%s twin_id=%s signal=%s value=%.6g window=%s",
+                "drift detected model_id=%s twin_id=%s signal=%s value=%.6g detector=%s",
                 self.model_id,
                 self.twin_id,
                 signal,
                 value,
-                {key: round(number, 6) for key, number in stats.items()},
+                statistics,
             )

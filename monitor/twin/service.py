@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections import deque
 from pathlib import Path
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 
-from monitor.analytics.divergence import compare_distributions, log_softmax
-from monitor.analytics.weights import relative_distance
+from monitor.analytics.divergence import log_softmax
+from monitor.analytics.weights import group_distances, layer_group, relative_distance
 from monitor.config import TwinSettings
-from monitor.metrics import RESYNC_REASONS, UPDATE_KINDS, families
+from monitor.metrics import RESYNC_REASONS, UPDATE_KINDS, families, set_if_finite
+from monitor.model.base import Weights
 from monitor.model.registry import build_model
 from monitor.topics import Topics
 from monitor.transport.mqtt import MqttLink
+from monitor.twin.batches import parse_outputs
 from monitor.twin.checkpoint import load_checkpoint, save_checkpoint
 from monitor.twin.outputs import OutputMonitor
 from monitor.twin.policies import make_policy
@@ -34,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.25
 RESYNC_RETRY_SECONDS = 2.0  # a lost resync request or reply is asked for again after this long
-MAX_OUTPUT_POSITIONS = 65_536
 
 
 class Twin:
@@ -60,7 +61,20 @@ class Twin:
 
         metric = families(registry)
         labels = (settings.model_id, settings.twin_id)
-        self.outputs = OutputMonitor(metric, *labels, window=settings.window)
+        self.outputs = OutputMonitor(
+            metric,
+            *labels,
+            window=settings.window,
+            detector=settings.detector,
+            budget=settings.divergence_budget,
+            budget_warmup=settings.budget_warmup,
+        )
+        metric.twin_info.labels(*labels, settings.effective_role, settings.sync_policy, settings.replica_dtype).set(1)
+        self._group_gauges = (
+            metric.weight_group_relative_distance,
+            metric.weight_group_cosine,
+            metric.weight_group_max_abs,
+        )
         self._rejected = {reason: metric.messages_rejected.labels(*labels, reason) for reason in REJECT_REASONS}
         self._resyncs = {reason: metric.resyncs.labels(*labels, reason) for reason in RESYNC_REASONS}
         self._applied = {kind: metric.updates_applied.labels(*labels, kind) for kind in UPDATE_KINDS}
@@ -125,7 +139,9 @@ class Twin:
         self._saved_version = restored.version
         self.policy.on_update(self.replica, restored, time.monotonic())
         self._replica_changed()
-        logger.info("resumed from checkpoint twin_id=%s path=%s version=%d", self.settings.twin_id, path, restored.version)
+        logger.info(
+            "resumed from checkpoint twin_id=%s path=%s version=%d", self.settings.twin_id, path, restored.version
+        )
 
     async def _save_checkpoint(self) -> None:
         reference, architecture, path = self.reference, self.tracker.architecture, self.settings.checkpoint
@@ -230,37 +246,22 @@ class Twin:
         message = self._decode(payload, (Kind.OUTPUTS,))
         envelope = message.envelope
         architecture = self.tracker.architecture
-        contexts = message.tensors.get("contexts")
-        logprobs = message.tensors.get("logprobs")
-        if contexts is None or logprobs is None or len(message.tensors) != 2:
-            raise WireError(
-                "bad_shape", f"outputs must carry exactly 'contexts' and 'logprobs', got {sorted(message.tensors)}"
-            )
-        if contexts.dtype != np.uint8 or logprobs.dtype != np.float32:
-            raise WireError("bad_dtype", f"outputs dtypes {contexts.dtype}/{logprobs.dtype}, expected uint8/float32")
-        if architecture is not None:
-            batch = contexts.shape[0] if contexts.ndim == 2 else -1
-            if (
-                contexts.shape != (batch, architecture.context_size)
-                or logprobs.shape != (batch, 256)
-                or not 0 < batch <= MAX_OUTPUT_POSITIONS
-            ):
-                raise WireError(
-                    "bad_shape",
-                    f"outputs shapes {contexts.shape}/{logprobs.shape}, expected (B, {architecture.context_size})/(B, 256) with 0 < B <= {MAX_OUTPUT_POSITIONS}",
-                )
+        if architecture is None:
+            return  # no birth message or snapshot yet: nothing to check the shapes against
+        batch = parse_outputs(message, architecture)
         if envelope.session_id == self.primary_session:
             self.announced_version = max(self.announced_version, envelope.version)
 
         weights = self.replica.weights
-        if weights is None or architecture is None:
+        if weights is None:
             return
         model = build_model(architecture)
         version = self.replica.version
+        contexts = batch.contexts
         twin_logprobs = await asyncio.to_thread(lambda: log_softmax(model.forward(weights, contexts)))
-        divergence = compare_distributions(logprobs, twin_logprobs)
+        signals = batch.compare(twin_logprobs)
         cause = "same_version" if version == envelope.version else "version_lag"
-        self.outputs.record(divergence, cause)
+        self.outputs.record(signals, cause)
 
     # Resync requests.
 
@@ -331,10 +332,21 @@ class Twin:
             ):
                 self._distance_dirty = False
                 last_distance = now
-                self.weight_distance = await asyncio.to_thread(
-                    relative_distance, reference.weights, self.replica.weights
-                )
-                self._distance.set(self.weight_distance)
+                await asyncio.to_thread(self._measure_weights, reference, self.replica.weights)
+
+    def _measure_weights(self, reference: WeightSet, replica: Weights) -> None:
+        """Export the global and per-group distances between the primary's weights and the replica's."""
+        self.weight_distance = relative_distance(reference.weights, replica)
+        set_if_finite(self._distance, self.weight_distance)
+
+        group_of = functools.partial(layer_group, depth=self.settings.weight_group_depth)
+        groups = group_distances(reference.weights, replica, group_of, max_groups=self.settings.max_weight_groups)
+        labels = (self.settings.model_id, self.settings.twin_id)
+        relative, cosine, max_abs = self._group_gauges
+        for group, distance in groups.items():
+            set_if_finite(relative.labels(*labels, group), distance.relative_l2)
+            set_if_finite(cosine.labels(*labels, group), distance.cosine)
+            set_if_finite(max_abs.labels(*labels, group), distance.max_abs)
 
     def _replica_changed(self) -> None:
         self._applied_version.set(self.replica.version)

@@ -15,6 +15,7 @@ RejectReason = Literal[
     "bad_dtype",  # dtype outside the allow-list
     "bad_shape",  # shape inconsistent with the byte count or with the model
     "non_finite",  # NaN or Inf in a floating-point tensor
+    "bad_values",  # values outside their domain: log-probabilities not summing to 1, token ids out of range
     "checksum",  # tensor bytes do not match the checksum or the state digest
     "unknown_model",  # envelope names another model, or an architecture the twin cannot run
     "stale_version",  # version older than the one the twin already holds

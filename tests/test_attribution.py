@@ -1,0 +1,157 @@
+"""Why a twin differs: stale weights or its own numerics, top-k estimates, bounded series, finite exports."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor.config import TwinSettings
+from monitor.metrics import families
+from monitor.primary.service import Primary
+from monitor.twin.outputs import OutputMonitor
+from monitor.twin.reference import WeightSet
+from monitor.twin.service import Twin
+from tests.harness import primary_settings, run_until, twin_settings
+from tests.mosquitto import Mosquitto
+
+
+def _samples(registry: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
+    text = generate_latest(registry).decode()
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def _assert_all_finite(registry: CollectorRegistry) -> None:
+    broken = [(name, labels, value) for name, labels, value in _samples(registry) if not math.isfinite(value)]
+    assert broken == []
+
+
+def _attributed(registry: CollectorRegistry, twin_id: str, cause: str) -> float:
+    value = registry.get_sample_value(
+        "llm_twin_attributed_samples_total", {"model_id": "testlm", "twin_id": twin_id, "cause": cause}
+    )
+    return value or 0.0
+
+
+@pytest.mark.broker
+def test_stale_mirror_diverges_only_in_lag_bucket(mosquitto: Mosquitto) -> None:
+    registry = CollectorRegistry()
+    primary = Primary(primary_settings(mosquitto.url, publish_every=20), registry)
+    stale = Twin(
+        twin_settings(mosquitto.url, "stale", sync_policy="periodic", sync_interval=1.0, window=1000), registry
+    )
+
+    def enough() -> bool:
+        windows = stale.outputs.cause_windows
+        return windows["same_version"].count >= 10 and windows["version_lag"].count >= 30
+
+    asyncio.run(run_until([stale, primary], enough, timeout=60))
+
+    same_version = stale.outputs.cause_windows["same_version"].values()
+    lagging = stale.outputs.cause_windows["version_lag"].values()
+    assert float(np.max(same_version)) <= 1e-6
+    assert float(np.mean(lagging)) > 1e-4
+    _assert_all_finite(registry)
+
+
+@pytest.mark.broker
+def test_quantized_twin_diverges_at_same_version(mosquitto: Mosquitto) -> None:
+    registry = CollectorRegistry()
+    primary = Primary(primary_settings(mosquitto.url, publish_every=5), registry)
+    quantized = Twin(
+        twin_settings(mosquitto.url, "int8", sync_policy="mirror", replica_dtype="int8", budget_warmup=10), registry
+    )
+
+    asyncio.run(run_until([quantized, primary], lambda: quantized.outputs.batches >= 60, timeout=60))
+
+    same_version = quantized.outputs.cause_windows["same_version"].values()
+    assert float(np.min(same_version)) > 1e-6
+    assert _attributed(registry, "int8", "version_lag") <= 0.05 * _attributed(registry, "int8", "same_version")
+    budget = registry.get_sample_value(
+        "llm_twin_divergence_budget", {"model_id": "testlm", "twin_id": "int8", "signal": "kl"}
+    )
+    assert budget is not None
+    calibration = quantized.outputs.budget.calibrated_on
+    assert len(calibration) == 10
+    assert budget == pytest.approx(max(float(np.quantile(calibration, 0.99)), 1e-6))
+    assert budget > 1e-6
+    info = registry.get_sample_value(
+        "llm_twin_twin_info",
+        {
+            "model_id": "testlm",
+            "twin_id": "int8",
+            "role": "quantized",
+            "sync_policy": "mirror",
+            "replica_dtype": "int8",
+        },
+    )
+    assert info == 1.0
+    _assert_all_finite(registry)
+
+
+@pytest.mark.broker
+def test_topk_outputs_estimate_divergence(mosquitto: Mosquitto) -> None:
+    registry = CollectorRegistry()
+    primary = Primary(primary_settings(mosquitto.url, outputs_topk=8), registry)
+    mirror = Twin(twin_settings(mosquitto.url, "mirror"), registry)
+    frozen = Twin(twin_settings(mosquitto.url, "frozen"), registry)
+
+    asyncio.run(
+        run_until(
+            [mirror, frozen, primary], lambda: min(mirror.outputs.batches, frozen.outputs.batches) >= 80, timeout=60
+        )
+    )
+
+    assert float(np.max(mirror.outputs.cause_windows["same_version"].values())) <= 1e-6
+    frozen_kl = frozen.outputs.windows["kl"].mean()
+    frozen_upper = frozen.outputs.windows["kl_upper"].mean()
+    assert frozen_kl > 1e-3
+    assert frozen_upper >= frozen_kl
+    assert frozen.outputs.windows["tv"].count == 0  # total variation needs full distributions
+    _assert_all_finite(registry)
+
+
+def test_weight_groups_bounded_on_5000_tensors() -> None:
+    registry = CollectorRegistry()
+    twin = Twin(TwinSettings(model_id="testlm", twin_id="wide", max_weight_groups=16), registry)
+    rng = np.random.default_rng(0)
+    reference = {f"layer{index}.weight": rng.standard_normal(4).astype(np.float32) for index in range(5000)}
+    replica = {name: array + np.float32(0.01) for name, array in reference.items()}
+
+    twin._measure_weights(WeightSet("00000000", 1, time.time_ns(), reference, ""), replica)
+
+    group_series = [
+        labels for name, labels, _ in _samples(registry) if name == "llm_twin_weight_group_relative_distance"
+    ]
+    assert len(group_series) == 16
+    assert {"group": "other", "model_id": "testlm", "twin_id": "wide"} in group_series
+    assert 0 < twin.weight_distance < 1
+    _assert_all_finite(registry)
+
+
+def test_output_monitor_never_exports_nan() -> None:
+    registry = CollectorRegistry()
+    monitor = OutputMonitor(families(registry), "testlm", "mirror", window=5)
+    signals = {name: np.array([0.1, np.nan, np.inf]) for name in ("kl", "js", "top1", "l2")}
+
+    used = monitor.record(signals, "same_version")
+    monitor.record({name: np.array([np.nan]) for name in signals}, "same_version")
+
+    assert used == 1
+    nonfinite = registry.get_sample_value(
+        "llm_twin_output_nonfinite_total", {"model_id": "testlm", "twin_id": "mirror"}
+    )
+    assert nonfinite == 3.0
+    assert (
+        registry.get_sample_value("llm_twin_output_kl_divergence", {"model_id": "testlm", "twin_id": "mirror"}) == 0.1
+    )
+    _assert_all_finite(registry)
