@@ -9,7 +9,7 @@ blending) and `version_lag` when it ran another one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -91,6 +91,7 @@ class OutputMonitor:
         detector: str = "page_hinkley",
         budget: float | None = None,
         budget_warmup: int = 30,
+        on_drift: Callable[[str, float], None] | None = None,
     ) -> None:
         self.model_id = model_id
         self.twin_id = twin_id
@@ -123,6 +124,7 @@ class OutputMonitor:
             metrics.divergence_budget.labels(*labels, "kl"), fixed=budget, warmup=budget_warmup
         )
         self.batches = 0
+        self._on_drift = on_drift
 
     def record(self, signals: Mapping[str, FloatArray], cause: str) -> int:
         """Fold one compared batch into the windows, gauges and detectors; return the positions used."""
@@ -168,3 +170,5 @@ class OutputMonitor:
                 value,
                 statistics,
             )
+            if self._on_drift is not None:
+                self._on_drift(signal, value)

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from monitor.analytics.divergence import log_softmax
 from monitor.analytics.weights import group_distances, layer_group, relative_distance
 from monitor.config import TwinSettings
+from monitor.grafana.client import Annotator
 from monitor.metrics import RESYNC_REASONS, UPDATE_KINDS, families, set_if_finite
 from monitor.model.base import Weights
 from monitor.model.registry import build_model
@@ -61,6 +62,11 @@ class Twin:
 
         metric = families(registry)
         labels = (settings.model_id, settings.twin_id)
+        self.annotator = (
+            Annotator(settings.grafana_url, settings.grafana_token.get_secret_value())
+            if settings.grafana_url and settings.grafana_token
+            else None
+        )
         self.outputs = OutputMonitor(
             metric,
             *labels,
@@ -68,6 +74,7 @@ class Twin:
             detector=settings.detector,
             budget=settings.divergence_budget,
             budget_warmup=settings.budget_warmup,
+            on_drift=self._annotate_drift,
         )
         metric.twin_info.labels(*labels, settings.effective_role, settings.sync_policy, settings.replica_dtype).set(1)
         self._group_gauges = (
@@ -123,6 +130,8 @@ class Twin:
             tasks.create_task(self.link.run(stop), name=f"twin-{self.settings.twin_id}-mqtt")
             tasks.create_task(self._tick(stop), name=f"twin-{self.settings.twin_id}-tick")
         await self._save_checkpoint()
+        if self.annotator is not None:
+            await asyncio.to_thread(self.annotator.close)
         logger.info("twin stopped twin_id=%s version=%d", self.settings.twin_id, self.replica.version)
 
     def _resume(self, path: Path) -> None:
@@ -283,6 +292,7 @@ class Twin:
             {"request": "resync", "twin_id": self.settings.twin_id, "reason": reason, "version": version}
         )
         sent = await self.link.publish(self.topics.control, request.encode(), qos=1)
+        self._annotate(f"{self.settings.twin_id}: resync requested ({reason})", ["resync", reason])
         logger.info(
             "resync requested twin_id=%s reason=%s held_version=%s sent=%s",
             self.settings.twin_id,
@@ -333,6 +343,16 @@ class Twin:
                 self._distance_dirty = False
                 last_distance = now
                 await asyncio.to_thread(self._measure_weights, reference, self.replica.weights)
+
+    def _annotate_drift(self, signal: str, value: float) -> None:
+        self._annotate(f"{self.settings.twin_id}: change point on {signal} (value {value:.4g})", ["drift", signal])
+
+    def _annotate(self, text: str, tags: list[str]) -> None:
+        # The annotator queues and posts from its own thread, and never raises when Grafana is down.
+        if self.annotator is not None:
+            self.annotator.annotate(
+                text, ["llm-twin", self.settings.model_id, self.settings.twin_id, *tags], time.time_ns()
+            )
 
     def _measure_weights(self, reference: WeightSet, replica: Weights) -> None:
         """Export the global and per-group distances between the primary's weights and the replica's."""
