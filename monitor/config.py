@@ -123,7 +123,7 @@ class TwinSettings(CommonSettings):
         description="expected KL of this twin, nats; default: calibrated on the first --budget-warmup batches",
     )
     budget_warmup: int = Field(30, ge=1, le=100_000, description="output batches the budget is calibrated on")
-    detector: DetectorName = Field("page_hinkley", description="change-point detector on the divergence streams")
+    detector: DetectorName = Field("adwin", description="change-point detector on the divergence streams")
     weight_group_depth: int = Field(1, ge=1, le=16, description="dot-separated name parts that form a layer group")
     max_weight_groups: int = Field(
         16, ge=1, le=1000, description="most layer groups exported; the rest fold into 'other'"

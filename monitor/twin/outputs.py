@@ -88,7 +88,7 @@ class OutputMonitor:
         twin_id: str,
         *,
         window: int,
-        detector: str = "page_hinkley",
+        detector: str = "adwin",
         budget: float | None = None,
         budget_warmup: int = 30,
         on_drift: Callable[[str, float], None] | None = None,
@@ -153,7 +153,10 @@ class OutputMonitor:
             self._position_kl.observe(float(value))
 
         self.budget.observe(kl)
-        self._detect("kl", kl)
+        if self.budget.value is not None:
+            # Scaled by the twin's own baseline, the KL stream has the same level for every role, which is the
+            # regime where the detector's defaults were measured (docs/detectors.md).
+            self._detect("kl", kl / self.budget.value)
         self._detect("top1_disagreement", 1.0 - means["top1"])
         return used
 
