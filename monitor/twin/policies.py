@@ -52,6 +52,13 @@ class Periodic(SyncPolicy):
     interval: float = 5.0
     _last: float = field(default=float("-inf"), repr=False)
 
+    def on_update(self, replica: Replica, reference: WeightSet, now: float) -> bool:
+        # The first load starts the clock, so the next copy comes one interval later.
+        loaded = super().on_update(replica, reference, now)
+        if loaded:
+            self._last = now
+        return loaded
+
     def on_tick(self, replica: Replica, reference: WeightSet, now: float) -> bool:
         if now - self._last < self.interval or reference.version == replica.version:
             return False
@@ -68,6 +75,12 @@ class Ema(SyncPolicy):
     alpha: float = 0.9
     interval: float = 5.0
     _last: float = field(default=float("-inf"), repr=False)
+
+    def on_update(self, replica: Replica, reference: WeightSet, now: float) -> bool:
+        loaded = super().on_update(replica, reference, now)
+        if loaded:
+            self._last = now
+        return loaded
 
     def on_tick(self, replica: Replica, reference: WeightSet, now: float) -> bool:
         if now - self._last < self.interval:

@@ -187,6 +187,12 @@ class Twin:
         except ResyncNeeded as exc:
             logger.warning("cannot apply update twin_id=%s reason=%s error=%s", self.settings.twin_id, exc.reason, exc)
             await self._request_resync(exc.reason)
+        except Exception:
+            # One bad message must not stop the twin: the held weights are untouched, the message is counted.
+            self._rejected["processing_error"].inc()
+            logger.exception(
+                "failed to process message twin_id=%s topic=%s bytes=%d", self.settings.twin_id, topic, len(payload)
+            )
 
     def _decode(self, payload: bytes, kinds: tuple[Kind, ...], max_bytes: int | None = None) -> Message:
         message = decode(payload, max_bytes=max_bytes or self.settings.max_message_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Room for the safetensors header and envelope JSON of one chunk.
 CHUNK_OVERHEAD_BYTES = 2048
+COMPLETED_KEYS = 64
 
 
 def split(payload: bytes, envelope: Envelope, max_message_bytes: int) -> list[bytes]:
@@ -29,7 +31,7 @@ def split(payload: bytes, envelope: Envelope, max_message_bytes: int) -> list[by
         return [payload]
     if max_message_bytes <= CHUNK_OVERHEAD_BYTES:
         raise ValueError(
-            f"max_message_bytes {max_message_bytes} leaves no room for chunk data; use at least {4 * CHUNK_OVERHEAD_BYTES}"
+            f"max_message_bytes {max_message_bytes} leaves no room for chunk data; use more than {CHUNK_OVERHEAD_BYTES}"
         )
 
     chunk_data = max_message_bytes - CHUNK_OVERHEAD_BYTES
@@ -73,6 +75,8 @@ class Reassembler:
         self.timeout_seconds = timeout_seconds
         self.max_pending = max_pending
         self._pending: dict[tuple[str, int], _Partial] = {}
+        # Messages completed lately: a QoS 1 redelivery of one of their chunks must not start a new message.
+        self._completed: deque[tuple[str, int]] = deque(maxlen=COMPLETED_KEYS)
 
     def add(self, chunk: Envelope, data: bytes) -> bytes | None:
         """Store one chunk; return the reassembled payload when this chunk completes it."""
@@ -83,6 +87,8 @@ class Reassembler:
             )
 
         key = (chunk.session_id, chunk.seq)
+        if key in self._completed:
+            raise WireError("duplicate", f"chunk {chunk.chunk_index} of seq {chunk.seq} belongs to a completed message")
         partial = self._pending.get(key)
         if partial is None:
             if len(self._pending) >= self.max_pending:
@@ -111,6 +117,7 @@ class Reassembler:
         if len(partial.parts) < chunk.chunk_count:
             return None
         del self._pending[key]
+        self._completed.append(key)
         payload = b"".join(partial.parts[index] for index in range(chunk.chunk_count))
         if len(payload) != total:
             raise WireError("bad_shape", f"chunks of seq {chunk.seq} add up to {len(payload)} bytes, announced {total}")

@@ -35,6 +35,7 @@ WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 HEADER_LENGTH_BYTES = 8
 DEFAULT_MAX_HEADER_BYTES = 8 * 1024 * 1024  # a 100 k-tensor manifest stays below this
 MAX_TENSORS = 100_000
+MAX_NAME_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def tensor_checksum(tensors: Mapping[str, npt.NDArray[Any]]) -> str:
     """
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        # ascontiguousarray turns a 0-d array into shape (1,); keep the original shape.
+        array = np.ascontiguousarray(tensors[name]).reshape(np.shape(tensors[name]))
         digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
         digest.update(array.data)
     return digest.hexdigest()
@@ -62,7 +64,7 @@ def tensor_checksum(tensors: Mapping[str, npt.NDArray[Any]]) -> str:
 
 def encode(envelope: Envelope, tensors: Mapping[str, npt.NDArray[Any]]) -> bytes:
     """Serialize `tensors` as safetensors with `envelope` (its checksum filled in) as metadata."""
-    contiguous = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    contiguous = {name: np.ascontiguousarray(array).reshape(np.shape(array)) for name, array in tensors.items()}
     for name, array in contiguous.items():
         if array.dtype.newbyteorder("<") not in WIRE_DTYPES.values():
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}; the wire accepts {sorted(WIRE_DTYPES)}")
@@ -128,7 +130,7 @@ def _read_header(payload: bytes, max_header_bytes: int) -> tuple[dict[str, Any],
 
     try:
         header = json.loads(payload[HEADER_LENGTH_BYTES:data_start])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also nesting too deep, integers too long
         raise WireError("bad_header", f"header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise WireError("bad_header", f"header is a JSON {type(header).__name__}, expected an object")
@@ -156,6 +158,8 @@ def _read_tensors(header: dict[str, Any], payload: bytes, data_start: int) -> di
     spans: list[tuple[int, int, str]] = []
     tensors: dict[str, npt.NDArray[Any]] = {}
     for name, entry in entries.items():
+        if len(name) > MAX_NAME_CHARS or not _is_utf8(name):
+            raise WireError("bad_header", f"tensor name {name[:80]!r} is not valid UTF-8 of at most {MAX_NAME_CHARS} characters")
         dtype, shape, (start, end) = _read_entry(name, entry)
         count = math.prod(shape)
         if end - start != count * dtype.itemsize:
@@ -201,3 +205,12 @@ def _read_entry(name: str, entry: Any) -> tuple[np.dtype[Any], tuple[int, ...], 
     ):
         raise WireError("bad_header", f"tensor {name!r} has invalid data_offsets {offsets!r}")
     return WIRE_DTYPES[code], tuple(shape), (offsets[0], offsets[1])
+
+
+def _is_utf8(name: str) -> bool:
+    # JSON escapes can produce lone surrogates, which no UTF-8 encoder (and so no checksum) accepts.
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -9,8 +9,10 @@ weights, never as a silent mismatch between twin and primary.
 | codec   | bytes per element | error of one delta element                       |
 |---------|-------------------|--------------------------------------------------|
 | float32 | 4                 | 0                                                |
-| float16 | 2                 | relative 2**-11 (values clipped to +-65504)      |
-| int8    | 1                 | at most max abs(delta) / 254 for its tensor      |
+| float16 | 2                 | relative 2**-11 from 2**-14 up, absolute 2**-25  |
+|         |                   | below; clipped to +-65504                        |
+| int8    | 1                 | max abs(delta) / 254 for its tensor, plus float32|
+|         |                   | rounding of the scale (a relative 1e-6)          |
 | topk    | 8 per kept element| dropped elements carried to the next delta       |
 """
 

@@ -21,8 +21,8 @@ RejectReason = Literal[
     "stale_version",  # version older than the one the twin already holds
     "duplicate",  # same sequence number seen before (QoS 1 redelivery)
     "out_of_order",  # older sequence number than one already applied, arriving late
-    "base_mismatch",  # delta built on a version the twin does not hold
     "bad_control",  # invalid control request on the primary side
+    "processing_error",  # an unexpected error while handling the message: a bug, logged with its traceback
 ]
 
 REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
