@@ -80,7 +80,9 @@ class PrimarySettings(CommonSettings):
     snapshot_every: int = Field(50, ge=1, description="every Nth weight update is a full snapshot, the rest deltas")
     outputs_every: int = Field(1, ge=1, description="publish the outputs of every Nth training batch")
     codec: DeltaCodecName = Field("float32", description="encoding of weight deltas")
-    max_steps: int = Field(0, ge=0, description="stop training after N steps but keep serving; 0 = train until stopped")
+    max_steps: int = Field(
+        0, ge=0, description="stop training after N steps but keep publishing outputs; 0 = train until stopped"
+    )
     outputs_topk: int = Field(
         0,
         ge=0,

@@ -288,12 +288,23 @@ def family_names() -> list[str]:
     return names
 
 
-def set_if_finite(gauge: Gauge, value: float) -> bool:
-    """Set `gauge` unless `value` is NaN or infinite; return whether it was set.
+class LazyGauge:
+    """One labelled gauge series, created on the first finite value.
 
-    A NaN sample makes every comparison in an alert rule false, so a broken value must never be exported.
+    A gauge child exports 0 from the moment it exists, which would claim a KL or a distance of 0 before
+    anything was measured; this series only appears once it has a real value.
     """
-    if math.isfinite(value):
-        gauge.set(value)
+
+    def __init__(self, family: Gauge, *labels: str) -> None:
+        self._family = family
+        self._labels = labels
+        self._child: Gauge | None = None
+
+    def set(self, value: float) -> bool:
+        """Set the series unless `value` is NaN or infinite; return whether it was set."""
+        if not math.isfinite(value):
+            return False
+        if self._child is None:
+            self._child = self._family.labels(*self._labels)
+        self._child.set(value)
         return True
-    return False

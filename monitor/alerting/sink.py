@@ -194,9 +194,7 @@ class AlertSink:
     def start(self) -> None:
         """Serve requests from a background thread."""
         # The poll interval bounds how long `stop` waits for the serving loop to notice the shutdown.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.1,), name="alert-sink", daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), name="alert-sink", daemon=True)
         self._thread.start()
         logger.info("Alert sink listening on %s (POST /alerts, GET /alerts, /metrics, /healthz)", self.url)
 
@@ -241,14 +239,10 @@ class AlertSink:
     def parse_payload(self, payload: object) -> list[ReceivedAlert]:
         """Validate a decoded webhook payload and return its alerts; raises RejectedRequest when invalid."""
         if not isinstance(payload, Mapping):
-            raise RejectedRequest(
-                HTTPStatus.BAD_REQUEST, "invalid_payload", "invalid payload: expected a JSON object"
-            )
+            raise RejectedRequest(HTTPStatus.BAD_REQUEST, "invalid_payload", "invalid payload: expected a JSON object")
         alerts = payload.get("alerts")
         if not isinstance(alerts, list):
-            raise RejectedRequest(
-                HTTPStatus.BAD_REQUEST, "invalid_payload", "invalid payload: missing 'alerts' list"
-            )
+            raise RejectedRequest(HTTPStatus.BAD_REQUEST, "invalid_payload", "invalid payload: missing 'alerts' list")
         group_status = payload.get("status", "")
         receiver = payload.get("receiver", "")
         if not isinstance(receiver, str):
@@ -259,9 +253,7 @@ class AlertSink:
         for index, alert in enumerate(alerts):
             where = f"alerts[{index}]"
             if not isinstance(alert, Mapping):
-                raise RejectedRequest(
-                    HTTPStatus.BAD_REQUEST, "invalid_payload", f"invalid {where}: expected an object"
-                )
+                raise RejectedRequest(HTTPStatus.BAD_REQUEST, "invalid_payload", f"invalid {where}: expected an object")
             labels = _string_map(alert.get("labels"), f"{where}.labels")
             # Each alert carries its own status; the group status is firing while any alert fires.
             status = alert.get("status", group_status)
@@ -355,16 +347,12 @@ class _SinkHandler(BaseHTTPRequestHandler):
             alerts = [alert.to_json() for alert in self.server.sink.alerts()]
             self._send_json(HTTPStatus.OK, {"alerts": alerts})
         else:
-            self._send_json(
-                HTTPStatus.NOT_FOUND, {"error": f"not found: {path}; see /alerts, /metrics, /healthz"}
-            )
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"not found: {path}; see /alerts, /metrics, /healthz"})
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         if path != "/alerts":
-            self._send_json(
-                HTTPStatus.NOT_FOUND, {"error": f"not found: POST {path}; post alerts to /alerts"}
-            )
+            self._send_json(HTTPStatus.NOT_FOUND, {"error": f"not found: POST {path}; post alerts to /alerts"})
             return
 
         sink = self.server.sink
@@ -374,9 +362,7 @@ class _SinkHandler(BaseHTTPRequestHandler):
                 payload = json.loads(body)
             # RecursionError: JSON nested deeper than the interpreter's recursion limit.
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                raise RejectedRequest(
-                    HTTPStatus.BAD_REQUEST, "invalid_json", f"invalid JSON body: {exc}"
-                ) from exc
+                raise RejectedRequest(HTTPStatus.BAD_REQUEST, "invalid_json", f"invalid JSON body: {exc}") from exc
             alerts = sink.parse_payload(payload)
         except RejectedRequest as error:
             sink.reject(error, self.address_string())

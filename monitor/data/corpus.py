@@ -21,9 +21,38 @@ logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = frozenset(
     {
-        ".py", ".pyi", ".pyw", ".txt", ".md", ".rst", ".json", ".toml", ".cfg", ".ini", ".conf",
-        ".html", ".htm", ".xml", ".css", ".js", ".ts", ".csv", ".tsv", ".yaml", ".yml",
-        ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".sh", ".tex", ".sql",
+        ".py",
+        ".pyi",
+        ".pyw",
+        ".txt",
+        ".md",
+        ".rst",
+        ".json",
+        ".toml",
+        ".cfg",
+        ".ini",
+        ".conf",
+        ".html",
+        ".htm",
+        ".xml",
+        ".css",
+        ".js",
+        ".ts",
+        ".csv",
+        ".tsv",
+        ".yaml",
+        ".yml",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".rs",
+        ".go",
+        ".java",
+        ".sh",
+        ".tex",
+        ".sql",
     }
 )
 """File suffixes (compared in lower case) that folder walks keep. Explicit file paths are always kept."""
@@ -79,9 +108,7 @@ class TextCorpus:
         else:
             self.paths = [Path(path) for path in paths]
         if not self.paths:
-            raise ValueError(
-                "paths is empty; pass at least one text file or folder, or None for the default corpus"
-            )
+            raise ValueError("paths is empty; pass at least one text file or folder, or None for the default corpus")
         self.context_size = context_size
         self.chunk_bytes = chunk_bytes
         self.seed = seed
@@ -111,7 +138,10 @@ class TextCorpus:
 
         logger.info(
             "text corpus: %d files, %d bytes, from %s, seed %d",
-            len(self.files), self.total_bytes, ", ".join(str(path) for path in self.paths), seed,
+            len(self.files),
+            self.total_bytes,
+            ", ".join(str(path) for path in self.paths),
+            seed,
         )
 
     def next_batch(self, batch_size: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:

@@ -78,9 +78,7 @@ def _validate_url(url: str) -> str:
     try:
         _ = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
     except ValueError as exc:
-        raise ValueError(
-            f"invalid Grafana URL {_display_url(url)!r}: {exc}; expected a port from 1 to 65535"
-        ) from exc
+        raise ValueError(f"invalid Grafana URL {_display_url(url)!r}: {exc}; expected a port from 1 to 65535") from exc
     if parts.username or parts.password:
         raise ValueError(
             f"invalid Grafana URL {_display_url(url)!r}: remove the user info from the URL and pass a "
@@ -95,9 +93,7 @@ def _validate_url(url: str) -> str:
 
 def _connect(url: str, token: str, timeout_seconds: float) -> GrafanaApi:
     if not token:
-        raise ValueError(
-            f"missing Grafana token: set {TOKEN_ENV} to a service account token of {_display_url(url)}"
-        )
+        raise ValueError(f"missing Grafana token: set {TOKEN_ENV} to a service account token of {_display_url(url)}")
     if timeout_seconds <= 0:
         raise ValueError(f"invalid timeout {timeout_seconds!r} s: expected a positive number of seconds")
 
@@ -120,10 +116,7 @@ def _describe_failure(url: str, exc: BaseException, timeout_seconds: float) -> s
         return f"Grafana at {where} did not answer within {timeout_seconds:g} s"
     if isinstance(exc, GrafanaException):
         return f"Grafana at {where} returned an error: {exc.message}"
-    return (
-        f"Grafana at {where} is unreachable ({type(exc).__name__}: {exc}): check the URL and that Grafana "
-        "is running"
-    )
+    return f"Grafana at {where} is unreachable ({type(exc).__name__}: {exc}): check the URL and that Grafana is running"
 
 
 def load_dashboard(path: Path) -> dict[str, Any]:
@@ -138,9 +131,7 @@ def load_dashboard(path: Path) -> dict[str, Any]:
         raise ValueError(f"invalid dashboard file {path}: not JSON ({exc})") from exc
 
     if not isinstance(dashboard, dict) or not isinstance(dashboard.get("uid"), str) or not dashboard["uid"]:
-        raise ValueError(
-            f"invalid dashboard file {path}: expected a dashboard JSON object with a non-empty 'uid'"
-        )
+        raise ValueError(f"invalid dashboard file {path}: expected a dashboard JSON object with a non-empty 'uid'")
     return dashboard
 
 
@@ -300,9 +291,7 @@ class Annotator:
         if not text:
             raise ValueError("missing annotation text: expected a non-empty string")
         if time_ns < 0:
-            raise ValueError(
-                f"invalid annotation time {time_ns!r} ns: expected nanoseconds since the Unix epoch"
-            )
+            raise ValueError(f"invalid annotation time {time_ns!r} ns: expected nanoseconds since the Unix epoch")
 
         # Grafana stores annotation times in epoch milliseconds.
         annotation = _Annotation(text=text, tags=tuple(tags), time_ms=time_ns // 1_000_000)

@@ -322,8 +322,7 @@ def _rows() -> list[Row]:
                 "and critical factors drawn here, unless KL is still below the fixed KL thresholds.",
                 [
                     Query(
-                        f"{kl} / on(model_id, twin_id) "
-                        f'llm_twin_divergence_budget{{{TWIN_SELECTOR}, signal="kl"}}',
+                        f'{kl} / on(model_id, twin_id) llm_twin_divergence_budget{{{TWIN_SELECTOR}, signal="kl"}}',
                         "{{twin_id}}",
                     )
                 ],
@@ -398,9 +397,7 @@ def _rows() -> list[Row]:
                 "alert threshold; the frozen twin is exempt from that alert.",
                 [Query(f"llm_twin_staleness_seconds{{{TWIN_SELECTOR}}}", "{{twin_id}}")],
                 unit="s",
-                thresholds=_thresholds(
-                    (RULE_THRESHOLDS["llm_twin:threshold:staleness_seconds_warning"], "orange")
-                ),
+                thresholds=_thresholds((RULE_THRESHOLDS["llm_twin:threshold:staleness_seconds_warning"], "orange")),
                 threshold_style="dashed",
                 width=8,
             ),
@@ -439,8 +436,7 @@ def _rows() -> list[Row]:
                 "Output positions compared between primary and twin per second.",
                 [
                     Query(
-                        "sum by (twin_id) "
-                        f"(rate(llm_twin_samples_compared_total{{{TWIN_SELECTOR}}}{rate_window}))",
+                        f"sum by (twin_id) (rate(llm_twin_samples_compared_total{{{TWIN_SELECTOR}}}{rate_window}))",
                         "{{twin_id}}",
                     )
                 ],
@@ -456,11 +452,8 @@ def _rows() -> list[Row]:
         [
             _state_timeline(
                 "Broker connection",
-                "1 (green) while the process is connected to the MQTT broker; the primary's row is "
-                "labelled (primary).",
-                Query(
-                    _name_primary(f"llm_twin_broker_connected{{{TWIN_OR_PRIMARY_SELECTOR}}}"), "{{twin_id}}"
-                ),
+                "1 (green) while the process is connected to the MQTT broker; the primary's row is labelled (primary).",
+                Query(_name_primary(f"llm_twin_broker_connected{{{TWIN_OR_PRIMARY_SELECTOR}}}"), "{{twin_id}}"),
                 off_text="disconnected",
                 on_text="connected",
             ),
@@ -485,9 +478,7 @@ def _rows() -> list[Row]:
                     )
                 ],
                 unit="suffix: /s",
-                thresholds=_thresholds(
-                    (RULE_THRESHOLDS["llm_twin:threshold:messages_rejected_per_second"], "orange")
-                ),
+                thresholds=_thresholds((RULE_THRESHOLDS["llm_twin:threshold:messages_rejected_per_second"], "orange")),
                 threshold_style="dashed",
                 width=8,
             ),
@@ -496,8 +487,7 @@ def _rows() -> list[Row]:
                 "Full resyncs the twins requested per rate interval, by reason.",
                 [
                     Query(
-                        "sum by (twin_id, reason) "
-                        f"(increase(llm_twin_resyncs_total{{{TWIN_SELECTOR}}}{rate_window}))",
+                        f"sum by (twin_id, reason) (increase(llm_twin_resyncs_total{{{TWIN_SELECTOR}}}{rate_window}))",
                         "{{twin_id}} {{reason}}",
                     )
                 ],
@@ -537,8 +527,7 @@ def _rows() -> list[Row]:
             ),
             _timeseries(
                 "Primary model version",
-                "Latest weight version the primary published; a flat line means training or publishing "
-                "stopped.",
+                "Latest weight version the primary published; a flat line means training or publishing stopped.",
                 [Query(f"llm_twin_primary_model_version{{{PRIMARY_SELECTOR}}}", "{{model_id}}")],
                 unit="none",
                 decimals=0,
@@ -765,9 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Generate the Grafana dashboards of llm-twin-monitor, or check the committed JSON.",
     )
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument(
-        "--check", action="store_true", help="exit 1 when a committed dashboard file is stale"
-    )
+    action.add_argument("--check", action="store_true", help="exit 1 when a committed dashboard file is stale")
     action.add_argument("--write", action="store_true", help="rewrite the dashboard files from the code")
     parser.add_argument(
         "--output-dir",

@@ -50,7 +50,9 @@ class LanguageModel(Protocol):
         """Return freshly initialised weights; the same seed gives the same bytes."""
         ...
 
-    def forward(self, weights: Mapping[str, npt.NDArray[np.float32]], contexts: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    def forward(
+        self, weights: Mapping[str, npt.NDArray[np.float32]], contexts: npt.NDArray[np.uint8]
+    ) -> npt.NDArray[np.float32]:
         """Return next-token logits of shape (batch, vocab_size) for contexts of shape (batch, context_size)."""
         ...
 

@@ -137,9 +137,7 @@ class ByteMLP:
         logger.debug("initialised %s with seed %d: %d parameters", self, seed, self.parameter_count())
         return weights
 
-    def validate_weights(
-        self, weights: Mapping[str, npt.NDArray[Any]], dtype: npt.DTypeLike = np.float32
-    ) -> None:
+    def validate_weights(self, weights: Mapping[str, npt.NDArray[Any]], dtype: npt.DTypeLike = np.float32) -> None:
         """Raise ValueError unless `weights` has exactly this model's tensors with their shapes and `dtype`.
 
         The message names the first tensor that is missing, unknown, not an array, or of the wrong
@@ -161,8 +159,7 @@ class ByteMLP:
                 raise ValueError(f"tensor {name!r} is a {type(tensor).__name__}, expected a numpy array")
             if tensor.dtype != expected_dtype:
                 raise ValueError(
-                    f"tensor {name!r} has dtype {tensor.dtype}, expected {expected_dtype} "
-                    f"in native byte order"
+                    f"tensor {name!r} has dtype {tensor.dtype}, expected {expected_dtype} in native byte order"
                 )
             if tensor.shape != spec.shape:
                 raise ValueError(f"tensor {name!r} has shape {tensor.shape}, expected {spec.shape}")
@@ -282,9 +279,7 @@ class ByteMLP:
         if not isinstance(contexts, np.ndarray):
             raise ValueError(f"contexts must be {expected}, got {type(contexts).__name__}")
         if contexts.dtype != np.uint8 or contexts.ndim != 2:
-            raise ValueError(
-                f"contexts must be {expected}, got {contexts.dtype} array of shape {contexts.shape}"
-            )
+            raise ValueError(f"contexts must be {expected}, got {contexts.dtype} array of shape {contexts.shape}")
         if contexts.shape[0] < 1 or contexts.shape[1] != self.context_size:
             raise ValueError(f"contexts must be {expected}, got shape {contexts.shape}")
 
@@ -296,9 +291,7 @@ class ByteMLP:
         if not isinstance(targets, np.ndarray):
             raise ValueError(f"targets must be {expected}, got {type(targets).__name__}")
         if targets.dtype != np.uint8 or targets.shape != (batch_size,):
-            raise ValueError(
-                f"targets must be {expected}, got {targets.dtype} array of shape {targets.shape}"
-            )
+            raise ValueError(f"targets must be {expected}, got {targets.dtype} array of shape {targets.shape}")
 
 
 def _uniform_fan_in(rng: np.random.Generator, shape: tuple[int, ...]) -> npt.NDArray[np.float32]:
@@ -311,9 +304,7 @@ def _uniform_fan_in(rng: np.random.Generator, shape: tuple[int, ...]) -> npt.NDA
     return values
 
 
-def _matmul_fixed_order(
-    left: npt.NDArray[np.float32], right: npt.NDArray[np.float32]
-) -> npt.NDArray[np.float32]:
+def _matmul_fixed_order(left: npt.NDArray[np.float32], right: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Multiply (B, K) by C-contiguous (K, N) with a summation order fixed by the shapes alone.
 
     Summing blocks of `_FORWARD_BLOCK_ROWS` rows of `right` keeps each block in cache, which makes the

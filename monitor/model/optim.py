@@ -48,10 +48,7 @@ class Adam:
         self.reset()
 
     def __repr__(self) -> str:
-        return (
-            f"Adam(lr={self.lr}, beta1={self.beta1}, beta2={self.beta2}, eps={self.eps}, "
-            f"clip_norm={self.clip_norm})"
-        )
+        return f"Adam(lr={self.lr}, beta1={self.beta1}, beta2={self.beta2}, eps={self.eps}, clip_norm={self.clip_norm})"
 
     @property
     def step_count(self) -> int:

@@ -137,22 +137,26 @@ class Primary:
         period = 1.0 / settings.steps_per_second if settings.steps_per_second > 0 else 0.0
         next_step = time.monotonic()
         updates = 0
+        batches = 0
         while not stop.is_set():
-            if settings.max_steps and self.steps >= settings.max_steps:
-                # Hold the weights still and keep answering resyncs: a primary that stopped learning.
-                await stop.wait()
-                return
             contexts, targets = self.corpus.next_batch(settings.batch_size)
-            loss = await asyncio.to_thread(self._step, contexts, targets)
-            self.steps += 1
-            self.losses.append(loss)
-            self._steps.inc()
-            self._loss.set(float(np.mean(self.losses)))
+            batches += 1
+            # Past --max-steps the weights hold still, but the primary keeps serving: a model that stopped learning.
+            if not settings.max_steps or self.steps < settings.max_steps:
+                loss = await asyncio.to_thread(self._step, contexts, targets)
+                self.steps += 1
+                self.losses.append(loss)
+                self._steps.inc()
+                self._loss.set(float(np.mean(self.losses)))
 
-            if self.steps % settings.publish_every == 0:
-                updates += 1
-                await self._publish_update(snapshot=updates % settings.snapshot_every == 0)
-            if self.steps % settings.outputs_every == 0:
+                if self.steps % settings.publish_every == 0 or self.steps == settings.max_steps:
+                    updates += 1
+                    await self._publish_update(snapshot=updates % settings.snapshot_every == 0)
+                    if self.steps == settings.max_steps:
+                        logger.info(
+                            "training stopped at --max-steps %d; serving version %d", self.steps, self.state.version
+                        )
+            if batches % settings.outputs_every == 0:
                 await self._publish_outputs(contexts)
 
             next_step += period

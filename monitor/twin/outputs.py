@@ -13,12 +13,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import Gauge
 
 from monitor.analytics.detectors import DriftDetector, make_detector
 from monitor.analytics.divergence import DivergenceBatch, TopKDivergence
 from monitor.analytics.window import RollingWindow
-from monitor.metrics import ATTRIBUTION_CAUSES, Families
+from monitor.metrics import ATTRIBUTION_CAUSES, Families, LazyGauge
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class DivergenceBudget:
     alert can compare a quantized twin against its own baseline instead of against zero.
     """
 
-    def __init__(self, gauge: Gauge, *, fixed: float | None, warmup: int) -> None:
+    def __init__(self, gauge: LazyGauge, *, fixed: float | None, warmup: int) -> None:
         self._gauge = gauge
         self.warmup = warmup
         self.value: float | None = None
@@ -96,20 +95,20 @@ class OutputMonitor:
         self.model_id = model_id
         self.twin_id = twin_id
         labels = (model_id, twin_id)
-        self._gauges: dict[str, Gauge] = {
-            "kl": metrics.output_kl.labels(*labels),
-            "kl_reverse": metrics.output_kl_reverse.labels(*labels),
-            "kl_upper": metrics.output_kl_upper.labels(*labels),
-            "js": metrics.output_js.labels(*labels),
-            "tv": metrics.output_tv.labels(*labels),
-            "top1": metrics.output_top1.labels(*labels),
-            "topk_overlap": metrics.output_topk_overlap.labels(*labels),
-            "l2": metrics.output_l2.labels(*labels),
+        self._gauges = {
+            "kl": LazyGauge(metrics.output_kl, *labels),
+            "kl_reverse": LazyGauge(metrics.output_kl_reverse, *labels),
+            "kl_upper": LazyGauge(metrics.output_kl_upper, *labels),
+            "js": LazyGauge(metrics.output_js, *labels),
+            "tv": LazyGauge(metrics.output_tv, *labels),
+            "top1": LazyGauge(metrics.output_top1, *labels),
+            "topk_overlap": LazyGauge(metrics.output_topk_overlap, *labels),
+            "l2": LazyGauge(metrics.output_l2, *labels),
         }
         self._position_kl = metrics.output_position_kl.labels(*labels)
         self._samples = metrics.samples_compared.labels(*labels)
         self._nonfinite = metrics.output_nonfinite.labels(*labels)
-        self._attributed = {cause: metrics.attributed_kl.labels(*labels, cause) for cause in ATTRIBUTION_CAUSES}
+        self._attributed = {cause: LazyGauge(metrics.attributed_kl, *labels, cause) for cause in ATTRIBUTION_CAUSES}
         self._attributed_samples = {
             cause: metrics.attributed_samples.labels(*labels, cause) for cause in ATTRIBUTION_CAUSES
         }
@@ -120,9 +119,8 @@ class OutputMonitor:
         self.windows = {name: RollingWindow(window) for name in self._gauges}
         self.cause_windows = {cause: RollingWindow(window) for cause in ATTRIBUTION_CAUSES}
         self.detectors: dict[str, DriftDetector] = {signal: make_detector(detector) for signal in DETECTED_SIGNALS}
-        self.budget = DivergenceBudget(
-            metrics.divergence_budget.labels(*labels, "kl"), fixed=budget, warmup=budget_warmup
-        )
+        budget_gauge = LazyGauge(metrics.divergence_budget, *labels, "kl")
+        self.budget = DivergenceBudget(budget_gauge, fixed=budget, warmup=budget_warmup)
         self.batches = 0
         self._on_drift = on_drift
 

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -17,7 +18,7 @@ from monitor.analytics.divergence import log_softmax
 from monitor.analytics.weights import group_distances, layer_group, relative_distance
 from monitor.config import TwinSettings
 from monitor.grafana.client import Annotator
-from monitor.metrics import RESYNC_REASONS, UPDATE_KINDS, families, set_if_finite
+from monitor.metrics import RESYNC_REASONS, UPDATE_KINDS, LazyGauge, families
 from monitor.model.base import Weights
 from monitor.model.registry import build_model
 from monitor.topics import Topics
@@ -88,10 +89,10 @@ class Twin:
         for counter in (*self._rejected.values(), *self._resyncs.values(), *self._applied.values()):
             counter.inc(0)
         self._latency = metric.sync_latency.labels(*labels)
-        self._lag = metric.version_lag.labels(*labels)
-        self._applied_version = metric.applied_version.labels(*labels)
-        self._staleness = metric.staleness.labels(*labels)
-        self._distance = metric.weight_relative_distance.labels(*labels)
+        self._lag = LazyGauge(metric.version_lag, *labels)
+        self._applied_version = LazyGauge(metric.applied_version, *labels)
+        self._staleness = LazyGauge(metric.staleness, *labels)
+        self._distance = LazyGauge(metric.weight_relative_distance, *labels)
         self._online = metric.primary_online.labels(*labels)
         self._connected = metric.broker_connected.labels(*labels)
         self._chunks_expired = metric.chunks_expired.labels(*labels)
@@ -363,16 +364,20 @@ class Twin:
     def _measure_weights(self, reference: WeightSet, replica: Weights) -> None:
         """Export the global and per-group distances between the primary's weights and the replica's."""
         self.weight_distance = relative_distance(reference.weights, replica)
-        set_if_finite(self._distance, self.weight_distance)
+        self._distance.set(self.weight_distance)
 
         group_of = functools.partial(layer_group, depth=self.settings.weight_group_depth)
         groups = group_distances(reference.weights, replica, group_of, max_groups=self.settings.max_weight_groups)
         labels = (self.settings.model_id, self.settings.twin_id)
         relative, cosine, max_abs = self._group_gauges
         for group, distance in groups.items():
-            set_if_finite(relative.labels(*labels, group), distance.relative_l2)
-            set_if_finite(cosine.labels(*labels, group), distance.cosine)
-            set_if_finite(max_abs.labels(*labels, group), distance.max_abs)
+            for family, value in (
+                (relative, distance.relative_l2),
+                (cosine, distance.cosine),
+                (max_abs, distance.max_abs),
+            ):
+                if math.isfinite(value):  # a NaN sample would disable every alert on the series
+                    family.labels(*labels, group).set(value)
 
     def _replica_changed(self) -> None:
         self._applied_version.set(self.replica.version)

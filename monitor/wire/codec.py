@@ -159,7 +159,9 @@ def _read_tensors(header: dict[str, Any], payload: bytes, data_start: int) -> di
     tensors: dict[str, npt.NDArray[Any]] = {}
     for name, entry in entries.items():
         if len(name) > MAX_NAME_CHARS or not _is_utf8(name):
-            raise WireError("bad_header", f"tensor name {name[:80]!r} is not valid UTF-8 of at most {MAX_NAME_CHARS} characters")
+            raise WireError(
+                "bad_header", f"tensor name {name[:80]!r} is not valid UTF-8 of at most {MAX_NAME_CHARS} characters"
+            )
         dtype, shape, (start, end) = _read_entry(name, entry)
         count = math.prod(shape)
         if end - start != count * dtype.itemsize:
