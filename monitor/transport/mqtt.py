@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -180,12 +181,15 @@ class MqttLink:
     async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         messages = aiter(client.messages)
         stopping = asyncio.ensure_future(stop.wait())
+        watchdog = asyncio.ensure_future(self._watch_liveness(client))
         try:
             while True:
                 receiving = asyncio.ensure_future(anext(messages))
-                done, _ = await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({receiving, stopping, watchdog}, return_when=asyncio.FIRST_COMPLETED)
                 if receiving not in done:
                     receiving.cancel()
+                    if watchdog in done:
+                        raise aiomqtt.MqttError(watchdog.result())
                     return
                 message = receiving.result()
                 self._note_drops()
@@ -193,6 +197,21 @@ class MqttLink:
                 await self._on_message(str(message.topic), bytes(payload))
         finally:
             stopping.cancel()
+            watchdog.cancel()
+
+    async def _watch_liveness(self, client: aiomqtt.Client) -> str:
+        """Return a reason once a ping to the broker has gone unanswered for half a keepalive period.
+
+        paho sends a ping after one silent keepalive period and gives up only after a second one. A live
+        broker answers within milliseconds, so an unanswered ping after half a period already means a dead
+        link (a frozen broker, a dropped route): it is noticed 1.5 periods after the silence began.
+        """
+        while True:
+            await asyncio.sleep(self._keepalive / 8)
+            # paho keeps the monotonic send time of an unanswered ping (0 when none); aiomqtt does not expose it.
+            sent = getattr(getattr(client, "_client", None), "_ping_t", 0)
+            if isinstance(sent, float) and sent > 0 and time.monotonic() - sent > self._keepalive / 2:
+                return f"ping unanswered for {time.monotonic() - sent:.1f}s (keepalive {self._keepalive}s)"
 
     def _note_drops(self) -> None:
         queue = self._queue
