@@ -15,7 +15,7 @@ class RepeatFilter(logging.Filter):
     """Let at most `limit` records with the same logger, level and format string through per window.
 
     A flood of identical warnings (a broker that keeps refusing, a twin sending garbage) would otherwise bury
-    everything else; the first record after a window reports how many were suppressed.
+    everything else. The first record after a window reports how many were suppressed.
     """
 
     def __init__(self, limit: int = REPEATS_PER_WINDOW, window_seconds: float = REPEAT_WINDOW_SECONDS) -> None:

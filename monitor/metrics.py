@@ -292,7 +292,7 @@ class LazyGauge:
     """One labelled gauge series, created on the first finite value.
 
     A gauge child exports 0 from the moment it exists, which would claim a KL or a distance of 0 before
-    anything was measured; this series only appears once it has a real value.
+    anything was measured. This series appears only once it has a real value.
     """
 
     def __init__(self, family: Gauge, *labels: str) -> None:

@@ -116,3 +116,18 @@ def test_demo_runs_and_exports_every_contract_metric() -> None:
     assert len(summaries) >= 3
     assert "mirror: lag" in summaries[-1]
     assert 'llm_twin_samples_compared_total{model_id="bytelm",twin_id="frozen"}' in exposition
+
+
+def test_grafana_push_without_token_exits_2() -> None:
+    environment = {key: value for key, value in os.environ.items() if key != "LLM_TWIN_GRAFANA_TOKEN"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "grafana", "push", "--grafana-url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+    )
+
+    assert result.returncode == 2
+    assert "LLM_TWIN_GRAFANA_TOKEN" in result.stderr

@@ -45,7 +45,7 @@ class ControlRequest(BaseModel):
 
 
 class Primary:
-    """Train, publish, answer resync requests; stop cleanly with an offline status."""
+    """Train on text, publish weights and outputs, serve resync requests, and stop with an offline status."""
 
     def __init__(self, settings: PrimarySettings, registry: CollectorRegistry) -> None:
         self.settings = settings

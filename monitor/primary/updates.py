@@ -1,4 +1,4 @@
-"""What the primary has published: the weights twins hold, and the messages that move them forward.
+"""The primary's published state: the weights twins have, and the messages that move them forward.
 
 The primary trains weights W, but twins only ever see the published weights P. A delta is `W - P` in float32
 and P advances by the same float32 addition a twin performs, so a mirror twin's replica stays bitwise equal to
@@ -75,7 +75,7 @@ class PublishedState:
     ) -> tuple[Kind, list[bytes]]:
         """Move P toward the trained weights as a new version; return the kind and the messages to publish.
 
-        P moves by the decoded delta, the same float32 addition a twin performs; with a lossy codec the part
+        P moves by the decoded delta, the same float32 addition a twin performs. With a lossy codec, the part
         the codec dropped remains in `trained - P` and is sent with the next delta.
         """
         delta = {name: np.subtract(trained[name], self.weights[name], dtype=np.float32) for name in self.specs}

@@ -1,7 +1,7 @@
 """An MQTT broker inside the demo process (amqtt), so `llm-twin demo` needs no external service.
 
-It listens on loopback only and allows anonymous clients; it is a convenience for trying the product, not a
-deployment broker (use Mosquitto for that, as the compose stack does).
+It listens on loopback only and allows anonymous clients. It is a convenience for trying the product, not a
+deployment broker: deployments use Mosquitto, as the compose stack does.
 """
 
 from __future__ import annotations

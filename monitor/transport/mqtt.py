@@ -30,9 +30,9 @@ MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHook = Callable[[], Awaitable[None]]
 StateHook = Callable[[bool], None]
 
-# Nagle's algorithm holds small packets for up to ~40 ms on loopback; disabling it on the client brings the
-# one-way latency of 1 KiB messages from tens of milliseconds to below one (the broker must set
-# `set_tcp_nodelay true` too).
+# Nagle's algorithm delays a small packet until the previous one is acknowledged, which with Linux's delayed
+# ACKs can add tens of milliseconds per message. The broker must set `set_tcp_nodelay true` as well, or the
+# other direction still waits.
 _NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
@@ -203,7 +203,7 @@ class MqttLink:
         """Return a reason once a ping to the broker has gone unanswered for half a keepalive period.
 
         paho sends a ping after one silent keepalive period and gives up only after a second one. A live
-        broker answers within milliseconds, so an unanswered ping after half a period already means a dead
+        broker replies within milliseconds, so an unanswered ping after half a period already means a dead
         link (a frozen broker, a dropped route): it is noticed 1.5 periods after the silence began.
         """
         while True:

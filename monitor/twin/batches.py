@@ -2,7 +2,7 @@
 
 A batch carries the contexts the primary saw and either its full next-byte log-probabilities
 (`logprobs`, shape (B, 256)) or only the top k of them (`topk_ids` and `topk_logprobs`, shape (B, k)), as
-an LLM API would return. Shapes and dtypes are checked here; value domains (rows summing to 1, ids in range)
+an LLM API would return. Shapes and dtypes are checked here. Value domains (rows summing to 1, ids in range)
 are checked by the divergence functions, whose ValueError becomes a `bad_values` rejection.
 """
 

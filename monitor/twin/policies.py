@@ -7,7 +7,7 @@
 | ema      | -                        | blend toward it every `interval` seconds          |
 | frozen   | -                        | -                                                 |
 
-Every policy loads the first version it sees, so a twin always has something to compute with.
+Every policy loads the first version it receives, so a twin always has something to compute with.
 """
 
 from __future__ import annotations

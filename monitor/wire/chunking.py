@@ -2,7 +2,7 @@
 
 A chunk is itself a safetensors message: one uint8 tensor `data` with a slice of the full payload, and an
 envelope of kind `chunk` naming the kind, version and sequence number of the whole. The receiver only
-decodes the reassembled payload once every chunk arrived, so a twin never sees half of an update.
+decodes the reassembled payload once every chunk arrived, so a twin never applies half of an update.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Reassembler:
     """Collect chunks by (session, sequence number) and return the whole payload when it is complete.
 
     At most `max_pending` messages are assembled at once and `max_total_bytes` bounds each of them, so a
-    flood of bogus chunks cannot exhaust memory; incomplete messages expire after `timeout_seconds`.
+    flood of bogus chunks cannot exhaust memory. Incomplete messages expire after `timeout_seconds`.
     """
 
     def __init__(self, *, max_total_bytes: int, timeout_seconds: float = 60.0, max_pending: int = 4) -> None:

@@ -1,9 +1,9 @@
 """Encode and decode wire messages: safetensors bytes with the envelope in their metadata.
 
-Decoding treats the payload as hostile. Before any tensor is touched it checks the total size, the header
-length, the header JSON, the envelope schema, the dtype allow-list, that each tensor's byte range matches
-`prod(shape) * itemsize` and that the ranges tile the data area exactly, and the checksum; floating-point
-tensors must be finite. Nothing is ever unpickled: a pickle fails the header check like any other garbage.
+Decoding treats the payload as hostile. Before any tensor is used, it checks the total size, the header
+length, the header JSON and the envelope schema. It then checks the dtype allow-list, that each tensor's byte
+range matches `prod(shape) * itemsize`, that the ranges tile the data area exactly, and the checksum.
+Floating-point tensors must be finite. Nothing is ever unpickled: a pickle fails the header check like any other garbage.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Message:
 def tensor_checksum(tensors: Mapping[str, npt.NDArray[Any]]) -> str:
     """Return the blake2b-128 hex digest of names, dtypes, shapes and bytes, in name order.
 
-    The same function gives the state digest of a full weight set, so a twin can prove its replica holds
+    The same function gives the state digest of a full weight set, so a twin can prove its replica contains
     exactly the bytes the primary published.
     """
     digest = hashlib.blake2b(digest_size=16)

@@ -1,4 +1,4 @@
-"""The envelope: what every weights, outputs and status message says about itself.
+"""The envelope: the header of every weights, outputs and status message.
 
 The envelope travels as JSON under the `llm_twin` key of the safetensors metadata, so one payload carries
 both the tensors and their description, and a receiver validates the envelope before it trusts any tensor.
@@ -17,7 +17,7 @@ SCHEMA_VERSION: Literal[1] = 1
 METADATA_KEY = "llm_twin"
 
 Codec = Literal["float32", "float16", "int8", "topk"]
-"""How the tensors of a weights message are encoded; `float32` is lossless."""
+"""Encoding of the tensors of a weights message; `float32` is lossless."""
 
 
 class Kind(StrEnum):
@@ -68,7 +68,7 @@ class Envelope(BaseModel):
     checksum: str = Field(default="", pattern=r"^([0-9a-f]{32})?$")
     """blake2b-128 of the tensors of this message (see `monitor.wire.codec.tensor_checksum`)."""
     state_digest: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
-    """blake2b-128 of the full weights at `version`; lets a twin prove it holds exactly those bytes."""
+    """blake2b-128 of the full weights at `version`; lets a twin prove it has exactly those bytes."""
     chunk_of: Kind | None = None
     total_bytes: int | None = Field(default=None, ge=0)
     status: Literal["online", "offline"] | None = None

@@ -1,4 +1,4 @@
-"""Why a message from the broker was rejected.
+"""Reasons for rejecting a message from the broker.
 
 Every rejection carries one reason from `REJECT_REASONS`, a small fixed set, because the reason becomes the
 `reason` label of `llm_twin_messages_rejected_total` and a label must never take unbounded values.
@@ -18,7 +18,7 @@ RejectReason = Literal[
     "bad_values",  # values outside their domain: log-probabilities not summing to 1, token ids out of range
     "checksum",  # tensor bytes do not match the checksum or the state digest
     "unknown_model",  # envelope names another model, or an architecture the twin cannot run
-    "stale_version",  # version older than the one the twin already holds
+    "stale_version",  # version older than the one the twin already has
     "duplicate",  # same sequence number seen before (QoS 1 redelivery)
     "out_of_order",  # older sequence number than one already applied, arriving late
     "bad_control",  # invalid control request on the primary side
@@ -29,7 +29,7 @@ REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 
 
 class WireError(ValueError):
-    """A payload failed validation. `reason` is the metric label, the message says what was wrong."""
+    """A payload failed validation. `reason` is the metric label, and the message describes the problem."""
 
     def __init__(self, reason: RejectReason, message: str) -> None:
         super().__init__(message)
