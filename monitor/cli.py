@@ -55,11 +55,12 @@ def _load(model: type[BaseSettings], given: dict[str, Any], prog: str) -> Any:
         return model(**given)
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else "?"
-        source = "--" + name.replace("_", "-") if name in given else "LLM_TWIN_" + name.upper()
-        value = error.get("input")
         message = error["msg"].removeprefix("Value error, ")
-        _fail(prog, f"invalid {source} {value!r}: {message}")
+        if not error["loc"]:
+            _fail(prog, f"invalid options: {message}")  # a check across several options
+        name = str(error["loc"][0])
+        source = "--" + name.replace("_", "-") if name in given else "LLM_TWIN_" + name.upper()
+        _fail(prog, f"invalid {source} {error.get('input')!r}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,11 +7,12 @@ value it would fail on later.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from monitor.topics import check_id
@@ -126,6 +127,9 @@ class TwinSettings(CommonSettings):
     )
     budget_warmup: int = Field(30, ge=1, le=100_000, description="output batches the budget is calibrated on")
     detector: DetectorName = Field("adwin", description="change-point detector on the divergence streams")
+    detector_params: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, description='detector parameters as JSON, e.g. {"delta": 0.01}; see docs/detectors.md'
+    )
     weight_group_depth: int = Field(1, ge=1, le=16, description="dot-separated name parts that form a layer group")
     max_weight_groups: int = Field(
         16, ge=1, le=1000, description="most layer groups exported; the rest fold into 'other'"
@@ -139,6 +143,28 @@ class TwinSettings(CommonSettings):
     @classmethod
     def _check_twin_id(cls, value: str) -> str:
         return check_id(value, "twin id")
+
+    @field_validator("detector_params", mode="before")
+    @classmethod
+    def _parse_detector_params(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f'not valid JSON ({exc.msg}); write an object such as {{"delta": 0.01}}') from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_detector(self) -> Self:
+        from monitor.analytics.detectors import make_detector
+
+        try:
+            make_detector(self.detector, **self.detector_params)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"--detector {self.detector} rejects --detector-params {self.detector_params}: {exc}"
+            ) from exc
+        return self
 
     @property
     def effective_role(self) -> TwinRole:

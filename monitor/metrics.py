@@ -69,6 +69,7 @@ class Families:
     published_bytes: Counter
     published_messages: Counter
     training_steps: Counter
+    unpublished_distance: Gauge
     resync_requests: Counter
 
 
@@ -266,6 +267,12 @@ def _create(r: CollectorRegistry) -> Families:
         ),
         published_messages=Counter(
             "llm_twin_primary_published_messages", "Messages the primary published", (*PRIMARY, "kind"), registry=r
+        ),
+        unpublished_distance=Gauge(
+            "llm_twin_primary_unpublished_relative_distance",
+            "||W_trained - W_published|| / ||W_trained|| after the latest update: what a lossy delta codec left for later",
+            PRIMARY,
+            registry=r,
         ),
         training_steps=Counter(
             "llm_twin_primary_training_steps", "Training steps the primary ran", PRIMARY, registry=r

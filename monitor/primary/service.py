@@ -15,9 +15,10 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from monitor.analytics.divergence import log_softmax
+from monitor.analytics.weights import relative_distance
 from monitor.config import PrimarySettings
 from monitor.data.corpus import TextCorpus, default_corpus_paths
-from monitor.metrics import PUBLISHED_KINDS, families
+from monitor.metrics import PUBLISHED_KINDS, LazyGauge, families
 from monitor.model.bytelm import ByteMLP, ByteMLPConfig
 from monitor.model.optim import Adam
 from monitor.primary.updates import PublishedState
@@ -77,6 +78,7 @@ class Primary:
         self._loss = metric.training_loss.labels(model_id)
         self._version = metric.model_version.labels(model_id)
         self._steps = metric.training_steps.labels(model_id)
+        self._unpublished = LazyGauge(metric.unpublished_distance, model_id)
         self._resync_requests = metric.resync_requests.labels(model_id)
         self._connected = metric.broker_connected.labels(model_id, "")
         self._bytes = {kind: metric.published_bytes.labels(model_id, kind) for kind in PUBLISHED_KINDS}
@@ -186,6 +188,8 @@ class Primary:
                 snapshot=snapshot,
                 codec=self.settings.codec,
             )
+            # A lossy codec leaves part of the update for later: visible here, never silent.
+            self._unpublished.set(await asyncio.to_thread(relative_distance, self.weights, self.state.weights))
             self._version.set(self.state.version)
             await self._publish_weights(kind, messages)
 

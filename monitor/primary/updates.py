@@ -43,7 +43,11 @@ class PublishedState:
         self._seq = 0
 
     def manifest(self) -> tuple[TensorEntry, ...]:
-        return tuple(TensorEntry(name=spec.name, shape=spec.shape) for spec in self.specs.values())
+        """Return name, shape, dtype and digest of every tensor at the current version."""
+        return tuple(
+            TensorEntry(name=spec.name, shape=spec.shape, digest=tensor_checksum({spec.name: self.weights[spec.name]}))
+            for spec in self.specs.values()
+        )
 
     def status_message(self, online: bool) -> bytes:
         """Return the retained birth (online, with the manifest) or death (offline) message."""

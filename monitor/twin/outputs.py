@@ -88,6 +88,7 @@ class OutputMonitor:
         *,
         window: int,
         detector: str = "adwin",
+        detector_params: Mapping[str, float] | None = None,
         budget: float | None = None,
         budget_warmup: int = 30,
         on_drift: Callable[[str, float], None] | None = None,
@@ -118,7 +119,9 @@ class OutputMonitor:
 
         self.windows = {name: RollingWindow(window) for name in self._gauges}
         self.cause_windows = {cause: RollingWindow(window) for cause in ATTRIBUTION_CAUSES}
-        self.detectors: dict[str, DriftDetector] = {signal: make_detector(detector) for signal in DETECTED_SIGNALS}
+        self.detectors: dict[str, DriftDetector] = {
+            signal: make_detector(detector, **(detector_params or {})) for signal in DETECTED_SIGNALS
+        }
         budget_gauge = LazyGauge(metrics.divergence_budget, *labels, "kl")
         self.budget = DivergenceBudget(budget_gauge, fixed=budget, warmup=budget_warmup)
         self.batches = 0

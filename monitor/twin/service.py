@@ -73,6 +73,7 @@ class Twin:
             *labels,
             window=settings.window,
             detector=settings.detector,
+            detector_params=settings.detector_params,
             budget=settings.divergence_budget,
             budget_warmup=settings.budget_warmup,
             on_drift=self._annotate_drift,

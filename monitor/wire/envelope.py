@@ -47,6 +47,8 @@ class TensorEntry(BaseModel):
     name: str = Field(min_length=1, max_length=256)
     shape: tuple[int, ...]
     dtype: Literal["float32"] = "float32"
+    digest: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    """blake2b-128 of this tensor at the birth version (`tensor_checksum` of it alone)."""
 
 
 class Envelope(BaseModel):
