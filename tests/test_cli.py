@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 
+import aiomqtt
 import pytest
 
 from monitor.metrics import family_names
-from tests.mosquitto import free_port
+from monitor.wire.codec import decode
+from monitor.wire.envelope import Envelope
+from tests.mosquitto import Mosquitto, free_port
 
 CONTRACT_METRICS = [
     "llm_twin_output_kl_divergence",
@@ -131,3 +138,58 @@ def test_grafana_push_without_token_exits_2() -> None:
 
     assert result.returncode == 2
     assert "LLM_TWIN_GRAFANA_TOKEN" in result.stderr
+
+
+@pytest.mark.broker
+def test_primary_sigterm_publishes_offline_status(mosquitto: Mosquitto) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "monitor",
+            "primary",
+            "--broker",
+            mosquitto.url,
+            "--metrics-port",
+            "0",
+            "--hidden-dim",
+            "32",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        status = _retained_status(mosquitto, lambda envelope: envelope.status == "online")
+        assert status.manifest is not None
+        assert all(entry.digest for entry in status.manifest)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+    assert process.returncode == 0, stderr[-2000:]
+    offline = _retained_status(mosquitto, lambda envelope: True)
+    assert offline.status == "offline"
+    assert offline.session_id == status.session_id
+
+
+def _retained_status(mosquitto: Mosquitto, accept: Callable[[Envelope], bool]) -> Envelope:
+    """Read the retained status of model `bytelm` until `accept` takes it."""
+
+    async def read() -> Envelope:
+        deadline = time.monotonic() + 30
+        while True:
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+                await client.subscribe("llm-twin/v1/bytelm/status", qos=1)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        async for message in client.messages:
+                            envelope = decode(bytes(message.payload), max_bytes=1 << 20).envelope  # type: ignore[arg-type]
+                            if accept(envelope):
+                                return envelope
+            assert time.monotonic() < deadline, "no matching retained status"
+
+    return asyncio.run(read())

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import aiomqtt
 import pytest
 
 from monitor.transport.broker_url import parse_broker_url
@@ -60,3 +61,36 @@ def test_link_notices_frozen_broker_within_keepalive(mosquitto: Mosquitto) -> No
     assert noticed <= 1.5 * KEEPALIVE_SECONDS + 0.75
     assert [up for _, up in states] == [True, False, True, False]
     assert link.connections == 2
+
+
+def test_link_counts_messages_dropped_by_full_queue(mosquitto: Mosquitto) -> None:
+    async def slow(topic: str, payload: bytes) -> None:
+        await asyncio.sleep(0.05)  # a consumer far slower than the publisher
+
+    link = MqttLink(
+        parse_broker_url(mosquitto.url),
+        "overflow-test",
+        subscriptions=[("llm-twin/v1/test/#", 0)],
+        on_message=slow,
+        max_queued_incoming=5,
+    )
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        try:
+            await asyncio.wait_for(link.connected.wait(), timeout=10)
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as publisher:
+                for index in range(200):
+                    await publisher.publish("llm-twin/v1/test/outputs", index.to_bytes(4, "big"))
+            deadline = time.monotonic() + 20
+            while link.dropped_incoming == 0:
+                assert time.monotonic() < deadline, "no drop was counted"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+
+    assert 0 < link.dropped_incoming < 200

@@ -47,10 +47,10 @@ def topk_signals(batch: TopKDivergence, l2: FloatArray) -> dict[str, FloatArray]
 
 
 class DivergenceBudget:
-    """The KL a twin's role is expected to show: fixed, or calibrated on its first batches.
+    """The KL a twin is expected to show at the primary's own version: fixed, or calibrated.
 
-    The calibrated budget is the 0.99 quantile of the first `warmup` batch means (at least 1e-6 nats), so an
-    alert can compare a quantized twin against its own baseline instead of against zero.
+    The calibrated budget is the 0.99 quantile of the first `warmup` same-version batch means (at least 1e-6
+    nats), so an alert can compare a quantized twin against its own baseline instead of against zero.
     """
 
     def __init__(self, gauge: LazyGauge, *, fixed: float | None, warmup: int) -> None:
@@ -153,25 +153,29 @@ class OutputMonitor:
         for value in signals["kl"][finite]:
             self._position_kl.observe(float(value))
 
-        self.budget.observe(kl)
+        if cause == "same_version":
+            # The budget is the twin's own numerics; divergence from lag is judged by the staleness alerts,
+            # and calibrating on it would fold a primary's fast early learning into the baseline.
+            self.budget.observe(kl)
         if self.budget.value is not None:
             # Scaled by the twin's own baseline, the KL stream has the same level for every role, which is the
             # regime where the detector's defaults were measured (docs/detectors.md).
-            self._detect("kl", kl / self.budget.value)
-        self._detect("top1_disagreement", 1.0 - means["top1"])
+            self._detect("kl", kl / self.budget.value, kl)
+        self._detect("top1_disagreement", 1.0 - means["top1"], 1.0 - means["top1"])
         return used
 
-    def _detect(self, signal: str, value: float) -> None:
+    def _detect(self, signal: str, scaled: float, value: float) -> None:
         detector = self.detectors[signal]
-        if detector.update(value):
+        if detector.update(scaled):
             self._drift[signal].inc()
             statistics = {key: round(number, 6) for key, number in detector.stats().items()}
             logger.warning(
-                "drift detected model_id=%s twin_id=%s signal=%s value=%.6g detector=%s",
+                "drift detected model_id=%s twin_id=%s signal=%s value=%.6g detector_input=%.6g detector=%s",
                 self.model_id,
                 self.twin_id,
                 signal,
                 value,
+                scaled,
                 statistics,
             )
             if self._on_drift is not None:
