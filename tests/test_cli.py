@@ -18,29 +18,8 @@ import pytest
 from monitor.metrics import family_names
 from monitor.wire.codec import decode
 from monitor.wire.envelope import Envelope
+from tests.contract import CONTRACT_METRICS
 from tests.mosquitto import Mosquitto, free_port
-
-CONTRACT_METRICS = [
-    "llm_twin_output_kl_divergence",
-    "llm_twin_output_js_divergence",
-    "llm_twin_output_top1_agreement_ratio",
-    "llm_twin_output_l2_distance",
-    "llm_twin_weight_relative_distance",
-    "llm_twin_version_lag",
-    "llm_twin_staleness_seconds",
-    "llm_twin_sync_latency_seconds",
-    "llm_twin_updates_applied_total",
-    "llm_twin_samples_compared_total",
-    "llm_twin_messages_rejected_total",
-    "llm_twin_resyncs_total",
-    "llm_twin_broker_connected",
-    "llm_twin_primary_online",
-    "llm_twin_drift_detected_total",
-    "llm_twin_primary_training_loss",
-    "llm_twin_primary_model_version",
-    "llm_twin_primary_published_bytes_total",
-    "llm_twin_primary_published_messages_total",
-]
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

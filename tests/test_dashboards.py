@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +30,8 @@ from monitor.grafana.dashboards import (
     render,
     substitute_variables,
 )
+from tests.contract import exported_series_names
+from tests.servers_prometheus import running_prometheus
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_DIR = REPO / "dashboards"
@@ -41,39 +39,16 @@ PROVISIONING_DIR = DASHBOARD_DIR / "provisioning"
 DOCS = REPO / "docs" / "dashboards.md"
 RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
 
-PROMETHEUS_START_TIMEOUT_SECONDS = 30.0
 HTTP_TIMEOUT_SECONDS = 10.0
 
 # Metric names of the product contract, as exported (counters with _total, histogram series expanded),
 # plus the threshold recording rules that the alert rules compare against.
-CONTRACT_METRICS = frozenset(
-    {
-        "llm_twin_output_kl_divergence",
-        "llm_twin_output_js_divergence",
-        "llm_twin_output_top1_agreement_ratio",
-        "llm_twin_output_l2_distance",
-        "llm_twin_weight_relative_distance",
-        "llm_twin_version_lag",
-        "llm_twin_staleness_seconds",
-        "llm_twin_sync_latency_seconds_bucket",
-        "llm_twin_sync_latency_seconds_sum",
-        "llm_twin_sync_latency_seconds_count",
-        "llm_twin_updates_applied_total",
-        "llm_twin_samples_compared_total",
-        "llm_twin_messages_rejected_total",
-        "llm_twin_resyncs_total",
-        "llm_twin_broker_connected",
-        "llm_twin_primary_online",
-        "llm_twin_drift_detected_total",
-        "llm_twin_attributed_kl_divergence",
-        "llm_twin_divergence_budget",
-        "llm_twin_primary_training_loss",
-        "llm_twin_primary_model_version",
-        "llm_twin_primary_published_bytes_total",
-        "llm_twin_primary_published_messages_total",
-        "llm_twin_alerts_received_total",
-    }
-)
+# Series a dashboard may plot: the contract's, the attribution and budget series, and the alert sink's counter.
+CONTRACT_METRICS = exported_series_names() | {
+    "llm_twin_attributed_kl_divergence",
+    "llm_twin_divergence_budget",
+    "llm_twin_alerts_received_total",
+}
 THRESHOLD_RULES = frozenset({"llm_twin:threshold:kl_warning", "llm_twin:threshold:kl_critical"})
 KNOWN_SERIES = CONTRACT_METRICS | THRESHOLD_RULES
 
@@ -181,9 +156,7 @@ def test_dashboards_every_panel_bound_to_datasource() -> None:
 
 
 def test_dashboards_every_target_bound_to_datasource() -> None:
-    targets = [
-        (panel["title"], target) for panel in iter_panels(DRIFT) for target in panel.get("targets", [])
-    ]
+    targets = [(panel["title"], target) for panel in iter_panels(DRIFT) for target in panel.get("targets", [])]
 
     assert len(targets) == len(QUERIES)
     for title, target in targets:
@@ -325,9 +298,7 @@ def test_dashboards_static_threshold_matches_rule(record: str, value: float) -> 
     match = re.fullmatch(r"\s*vector\(\s*([-+0-9.eE]+)\s*\)\s*", expr)
 
     assert match is not None, f"{record} is not a vector(<number>) rule in {RULES_DIR}: {expr!r}"
-    assert float(match.group(1)) == value, (
-        f"{record} is {match.group(1)} in the rules, {value} on the dashboard"
-    )
+    assert float(match.group(1)) == value, f"{record} is {match.group(1)} in the rules, {value} on the dashboard"
 
 
 def test_panel_queries_substitute_every_variable() -> None:
@@ -391,64 +362,11 @@ def test_docs_describe_every_panel() -> None:
 # --- Queries against a real Prometheus ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + PROMETHEUS_START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"prometheus exited with {process.returncode}: {log.read_text(errors='replace')}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=1.0) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"prometheus at {url} not ready after {PROMETHEUS_START_TIMEOUT_SECONDS} s")
-
-
 @pytest.fixture(scope="module")
-def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the prometheus binary is missing: apt-get install prometheus")
-
-    workdir = tmp_path_factory.mktemp("prometheus")
-    config = workdir / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 1m\n", encoding="utf-8")
-    log = workdir / "prometheus.log"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_ready(url, process, log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+def prometheus_url() -> Iterator[str]:
+    """A real Prometheus with no scrape targets: queries parse and evaluate, their results are empty."""
+    with running_prometheus("global:\n  scrape_interval: 1m\n", extra_args=["--log.level=warn"]) as prometheus:
+        yield prometheus.url
 
 
 def _query(prometheus_url: str, expr: str) -> dict[str, Any]:
@@ -468,9 +386,7 @@ def test_prometheus_query_rejects_invalid_expression(prometheus_url: str) -> Non
     assert document["status"] == "error"
 
 
-@pytest.mark.parametrize(
-    ("title", "expr"), QUERIES, ids=[f"{i}-{title}" for i, (title, _) in enumerate(QUERIES)]
-)
+@pytest.mark.parametrize(("title", "expr"), QUERIES, ids=[f"{i}-{title}" for i, (title, _) in enumerate(QUERIES)])
 def test_prometheus_accepts_panel_query(prometheus_url: str, title: str, expr: str) -> None:
     document = _query(prometheus_url, expr)
 

@@ -16,7 +16,7 @@ from monitor.twin.service import Twin
 from tests.harness import primary_settings, twin_settings
 from tests.mosquitto import Mosquitto
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 BROKER_PACKET_LIMIT = 2_000_000  # Mosquitto 2.1's default max_packet_size, set explicitly here
 # context 64, embedding 300, hidden 4096: 79.8 M float32 parameters, a 304 MiB snapshot.
