@@ -11,10 +11,11 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, get_origin
+from typing import Any, Literal, NoReturn, get_args, get_origin
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from monitor import __version__
@@ -33,16 +34,26 @@ def _add_options(parser: argparse.ArgumentParser, model: type[BaseSettings]) -> 
             continue
         flag = "--" + name.replace("_", "-")
         env = "LLM_TWIN_" + name.upper()
-        default = (
-            "" if field.default is None or get_origin(field.annotation) is list else f" (default: {field.default})"
-        )
-        help_text = f"{field.description or name}{default} [env {env}]"
+        default = "" if field.default in (None, PydanticUndefined) else f" (default: {field.default})"
+        choices = _choices(field.annotation)
+        accepted = f"; one of {', '.join(choices)}" if choices else ""
+        help_text = f"{field.description or name}{accepted}{default} [env {env}]"
         if get_origin(field.annotation) is list or name == "corpus":
             parser.add_argument(
                 flag, dest=name, action="append", default=argparse.SUPPRESS, help=help_text, metavar="PATH"
             )
         else:
             parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text, metavar=name.upper())
+
+
+def _choices(annotation: Any) -> list[str]:
+    """Return the accepted values of a Literal field (also inside `X | None`), else an empty list."""
+    if get_origin(annotation) is Literal:
+        return [str(value) for value in get_args(annotation)]
+    for member in get_args(annotation):
+        if get_origin(member) is Literal:
+            return [str(value) for value in get_args(member)]
+    return []
 
 
 def _fail(prog: str, message: str) -> NoReturn:
@@ -60,7 +71,9 @@ def _load(model: type[BaseSettings], given: dict[str, Any], prog: str) -> Any:
             _fail(prog, f"invalid options: {message}")  # a check across several options
         name = str(error["loc"][0])
         source = "--" + name.replace("_", "-") if name in given else "LLM_TWIN_" + name.upper()
-        _fail(prog, f"invalid {source} {error.get('input')!r}: {message}")
+        value = error.get("input")
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
+        _fail(prog, f"invalid {source} {shown}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,9 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         _fail(prog, str(exc))
 
+    # prometheus_client adds a `_created` series per counter and histogram; Prometheus does not need them.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
     if command == "alert-sink":
         # The sink serves /metrics itself, next to its webhook endpoint.
-        asyncio.run(run_until_stopped(main, settings.duration))
+        try:
+            asyncio.run(run_until_stopped(main, settings.duration))
+        except OSError as exc:
+            _fail(
+                prog,
+                f"cannot serve on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}; check "
+                "--metrics-host (an address of this machine, such as 127.0.0.1) and --metrics-port (a free port)",
+            )
         return 0
     try:
         with metrics_server(settings.metrics_host, settings.metrics_port, registry):

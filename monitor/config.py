@@ -40,8 +40,8 @@ class CommonSettings(BaseSettings):
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=4096, le=268_435_000, description="largest MQTT payload sent or accepted, bytes"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="lowest level of log lines")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as key=value text or JSON objects")
 
     @field_validator("broker")
     @classmethod

@@ -20,7 +20,8 @@ def metrics_server(host: str, port: int, registry: CollectorRegistry) -> Iterato
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise OSError(
-            f"cannot serve /metrics on {host}:{port}: {exc.strerror}; choose another --metrics-port (0 picks a free one)"
+            f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; check --metrics-host (an address of this "
+            "machine, such as 127.0.0.1) and --metrics-port (a free port, or 0 to pick one)"
         ) from exc
     bound = int(server.server_port)
     logger.info("metrics listening url=http://%s:%d/metrics", host, bound)

@@ -25,16 +25,16 @@ def parse_broker_url(url: str) -> BrokerAddress:
     accepted = "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
     parts = urlsplit(url)
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-        raise ValueError(f"invalid broker URL {url!r}: {accepted}")
+        raise ValueError(f"not a broker URL; {accepted}")
     if parts.username or parts.password:
         # Credentials in a URL end up in logs and process lists.
         raise ValueError(
-            f"invalid broker URL: remove the credentials from it and set --mqtt-username and LLM_TWIN_MQTT_PASSWORD; {accepted}"
+            f"remove the credentials from the URL and set --mqtt-username and LLM_TWIN_MQTT_PASSWORD; {accepted}"
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"invalid broker URL {url!r}: no path or query is allowed; {accepted}")
+        raise ValueError(f"a broker URL has no path or query; {accepted}")
     try:
         port = parts.port or DEFAULT_PORTS[parts.scheme]
     except ValueError as exc:
-        raise ValueError(f"invalid broker URL {url!r}: bad port; {accepted}") from exc
+        raise ValueError(f"invalid port; {accepted}") from exc
     return BrokerAddress(host=parts.hostname, port=port, tls=parts.scheme == "mqtts")

@@ -108,11 +108,13 @@ class MqttLink:
                 await self._serve_once(stop)
                 attempt = 0
             except aiomqtt.MqttError as exc:
+                was_connected = self.connected.is_set()
                 self._set_connected(False)
                 delay = self._backoff.delay(attempt)
                 attempt += 1
-                logger.info(
-                    "mqtt disconnected client_id=%s broker=%s error=%r retry_in=%.2fs attempt=%d",
+                logger.warning(
+                    "mqtt %s client_id=%s broker=%s error=%r retry_in=%.2fs attempt=%d",
+                    "connection lost" if was_connected else "connect failed",
                     self.client_id,
                     self.address,
                     str(exc),

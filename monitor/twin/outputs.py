@@ -53,8 +53,9 @@ class DivergenceBudget:
     nats), so an alert can compare a quantized twin against its own baseline instead of against zero.
     """
 
-    def __init__(self, gauge: LazyGauge, *, fixed: float | None, warmup: int) -> None:
+    def __init__(self, gauge: LazyGauge, *, fixed: float | None, warmup: int, twin_id: str = "") -> None:
         self._gauge = gauge
+        self.twin_id = twin_id
         self.warmup = warmup
         self.value: float | None = None
         self.calibrated_on: tuple[float, ...] = ()
@@ -70,7 +71,12 @@ class DivergenceBudget:
             self.calibrated_on = tuple(self._samples)
             self._samples.clear()
             self._set(max(float(np.quantile(self.calibrated_on, BUDGET_QUANTILE)), BUDGET_FLOOR_NATS))
-            logger.info("divergence budget calibrated kl=%.3g batches=%d", self.value, len(self.calibrated_on))
+            logger.info(
+                "divergence budget calibrated twin_id=%s kl=%.3g batches=%d",
+                self.twin_id,
+                self.value,
+                len(self.calibrated_on),
+            )
 
     def _set(self, value: float) -> None:
         self.value = value
@@ -123,7 +129,7 @@ class OutputMonitor:
             signal: make_detector(detector, **(detector_params or {})) for signal in DETECTED_SIGNALS
         }
         budget_gauge = LazyGauge(metrics.divergence_budget, *labels, "kl")
-        self.budget = DivergenceBudget(budget_gauge, fixed=budget, warmup=budget_warmup)
+        self.budget = DivergenceBudget(budget_gauge, fixed=budget, warmup=budget_warmup, twin_id=twin_id)
         self.batches = 0
         self._on_drift = on_drift
 

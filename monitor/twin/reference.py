@@ -100,6 +100,7 @@ class ReferenceTracker:
         self.session_id = message.envelope.session_id
         self.last_seq = message.envelope.seq
         self._recent_seqs.clear()
+        self._recent_seqs.append(self.last_seq)
         self.current = updated
         return updated
 
@@ -143,6 +144,7 @@ class ReferenceTracker:
         if envelope.base_version != current.version:
             reason = "gap" if envelope.seq > self.last_seq + 1 else "base_mismatch"
             self.last_seq = envelope.seq
+            self._recent_seqs.append(envelope.seq)
             raise ResyncNeeded(
                 reason,
                 f"delta {envelope.base_version}->{envelope.version} does not start at held version {current.version}",

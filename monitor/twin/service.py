@@ -187,7 +187,11 @@ class Twin:
                 exc,
             )
         except ResyncNeeded as exc:
-            logger.warning("cannot apply update twin_id=%s reason=%s error=%s", self.settings.twin_id, exc.reason, exc)
+            # A delta before the first snapshot is the normal start of a twin; anything else is worth a warning.
+            level = logging.INFO if exc.reason == "startup" else logging.WARNING
+            logger.log(
+                level, "cannot apply update twin_id=%s reason=%s error=%s", self.settings.twin_id, exc.reason, exc
+            )
             await self._request_resync(exc.reason)
         except Exception:
             # One bad message must not stop the twin: the held weights are untouched, the message is counted.
