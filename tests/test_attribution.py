@@ -155,3 +155,31 @@ def test_output_monitor_never_exports_nan() -> None:
         registry.get_sample_value("llm_twin_output_kl_divergence", {"model_id": "testlm", "twin_id": "mirror"}) == 0.1
     )
     _assert_all_finite(registry)
+
+
+def test_drift_counts_increases_only() -> None:
+    registry = CollectorRegistry()
+    monitor = OutputMonitor(families(registry), "testlm", "canary", window=5, budget=0.01)
+    rng = np.random.default_rng(3)
+
+    def feed(level: float, batches: int) -> None:
+        for _ in range(batches):
+            kl = level * rng.gamma(2.0, 0.5, size=16)
+            monitor.record({"kl": kl, "js": kl, "top1": np.ones(16), "l2": kl}, "version_lag")
+
+    def detections() -> float:
+        value = registry.get_sample_value(
+            "llm_twin_drift_detected_total", {"model_id": "testlm", "twin_id": "canary", "signal": "kl"}
+        )
+        return value or 0.0
+
+    feed(0.01, 400)
+    before_rise = detections()
+    feed(0.05, 400)
+    after_rise = detections()
+    feed(0.01, 400)
+    after_fall = detections()
+
+    assert before_rise == 0
+    assert after_rise >= 1
+    assert after_fall == after_rise

@@ -9,6 +9,7 @@ blending) and `version_lag` when it ran another one.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -172,17 +173,40 @@ class OutputMonitor:
 
     def _detect(self, signal: str, scaled: float, value: float) -> None:
         detector = self.detectors[signal]
-        if detector.update(scaled):
-            self._drift[signal].inc()
-            statistics = {key: round(number, 6) for key, number in detector.stats().items()}
-            logger.warning(
-                "drift detected model_id=%s twin_id=%s signal=%s value=%.6g detector_input=%.6g detector=%s",
+        if not detector.update(scaled):
+            return
+        statistics = {key: round(number, 6) for key, number in detector.stats().items()}
+        if _direction(statistics) == "down":
+            # The twin got closer to the primary (a resync, a recovered canary): worth a log line, not a page.
+            logger.info(
+                "divergence fell model_id=%s twin_id=%s signal=%s value=%.6g detector=%s",
                 self.model_id,
                 self.twin_id,
                 signal,
                 value,
-                scaled,
                 statistics,
             )
-            if self._on_drift is not None:
-                self._on_drift(signal, value)
+            return
+
+        self._drift[signal].inc()
+        logger.warning(
+            "drift detected model_id=%s twin_id=%s signal=%s value=%.6g detector_input=%.6g detector=%s",
+            self.model_id,
+            self.twin_id,
+            signal,
+            value,
+            scaled,
+            statistics,
+        )
+        if self._on_drift is not None:
+            self._on_drift(signal, value)
+
+
+def _direction(statistics: Mapping[str, float]) -> str:
+    """Return "up" or "down" for the change a detector just reported, from its statistics."""
+    dropped = statistics.get("dropped_mean", math.nan)
+    if math.isfinite(dropped):
+        # ADWIN: the mean of the kept, newer window against the mean of the dropped, older part.
+        return "up" if statistics["mean"] > dropped else "down"
+    # Page-Hinkley: whichever cumulative test crossed its threshold.
+    return "up" if statistics.get("up_statistic", 0.0) >= statistics.get("down_statistic", 0.0) else "down"
