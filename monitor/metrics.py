@@ -1,7 +1,7 @@
 """Prometheus metric families of llm-twin-monitor.
 
 Families are created once per `CollectorRegistry` (`families(registry)`), because the demo runs a primary and
-several twins in one process against one registry; each service then binds the children for its own labels.
+several twins in one process against one registry. Each service then binds the children for its own labels.
 Every label value comes from a small fixed set or from configuration (model and twin ids).
 """
 

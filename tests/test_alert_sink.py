@@ -80,9 +80,7 @@ def _request(
 
 
 def _post_json(sink: AlertSink, document: object) -> tuple[int, bytes]:
-    return _request(
-        sink, "POST", "/alerts", json.dumps(document).encode(), {"Content-Type": "application/json"}
-    )
+    return _request(sink, "POST", "/alerts", json.dumps(document).encode(), {"Content-Type": "application/json"})
 
 
 def _received(registry: CollectorRegistry, alertname: str, severity: str, status: str) -> float | None:
@@ -152,9 +150,7 @@ def test_sink_bounds_distinct_alertnames(registry: CollectorRegistry) -> None:
 
 
 def test_sink_logs_one_line_per_alert(sink: AlertSink, caplog: pytest.LogCaptureFixture) -> None:
-    payload = _payload(
-        _alert("LlmTwinDriftDetected", "firing", twin_id="ema"), _alert("LlmTwinStale", "firing")
-    )
+    payload = _payload(_alert("LlmTwinDriftDetected", "firing", twin_id="ema"), _alert("LlmTwinStale", "firing"))
 
     with caplog.at_level(logging.INFO, logger="monitor.alerting.sink"):
         _post_json(sink, payload)

@@ -82,7 +82,9 @@ def test_ema_distance_follows_closed_form(mosquitto: Mosquitto) -> None:
 
 def test_frozen_twin_diverges_while_primary_learns(mosquitto: Mosquitto) -> None:
     registry = CollectorRegistry()
-    primary = Primary(primary_settings(mosquitto.url, steps_per_second=100.0, outputs_every=5, publish_every=5), registry)
+    primary = Primary(
+        primary_settings(mosquitto.url, steps_per_second=100.0, outputs_every=5, publish_every=5), registry
+    )
     frozen = Twin(twin_settings(mosquitto.url, "frozen", window=5), registry)
     early: list[float] = []
 

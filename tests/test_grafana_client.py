@@ -67,9 +67,7 @@ class _FakeGrafanaHandler(BaseHTTPRequestHandler):
         state = self.server.state
         length = int(self.headers.get("Content-Length", "0"))
         raw = self.rfile.read(length) if length else b""
-        request = RecordedRequest(
-            self.command, self.path, dict(self.headers), json.loads(raw) if raw else None
-        )
+        request = RecordedRequest(self.command, self.path, dict(self.headers), json.loads(raw) if raw else None)
         with state.lock:
             state.requests.append(request)
 
@@ -85,9 +83,7 @@ class _FakeGrafanaHandler(BaseHTTPRequestHandler):
             self._reply(200, folder)
         elif route == ("POST", "/api/dashboards/db"):
             uid = request.body["dashboard"]["uid"]
-            self._reply(
-                200, {"id": 3, "uid": uid, "url": f"/d/{uid}/slug", "status": "success", "version": 4}
-            )
+            self._reply(200, {"id": 3, "uid": uid, "url": f"/d/{uid}/slug", "status": "success", "version": 4})
         elif route == ("POST", "/api/annotations"):
             state.annotation_arrived.set()
             if state.annotation_gate is not None:
@@ -123,9 +119,7 @@ class FakeGrafana:
 
     def requests_to(self, method: str, path: str) -> list[RecordedRequest]:
         with self.state.lock:
-            return [
-                request for request in self.state.requests if (request.method, request.path) == (method, path)
-            ]
+            return [request for request in self.state.requests if (request.method, request.path) == (method, path)]
 
 
 @pytest.fixture
@@ -267,9 +261,7 @@ def test_push_main_reads_token_from_environment(
     assert len(grafana.requests_to("POST", "/api/dashboards/db")) == 1
 
 
-def test_push_main_missing_token_exits_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_push_main_missing_token_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("LLM_TWIN_GRAFANA_TOKEN", raising=False)
 
     status = grafana_push_main(["--grafana-url", "http://127.0.0.1:3000"])

@@ -41,7 +41,7 @@ def test_link_notices_frozen_broker_within_keepalive(mosquitto: Mosquitto) -> No
         task = asyncio.create_task(link.run(stop))
         try:
             await asyncio.wait_for(link.connected.wait(), timeout=10)
-            os.kill(pid, signal.SIGSTOP)  # the TCP connection stays open, but nothing answers
+            os.kill(pid, signal.SIGSTOP)  # the TCP connection stays open, but the broker sends nothing
             frozen_at = time.monotonic()
             while link.connected.is_set():
                 assert time.monotonic() - frozen_at < 10, "the link never noticed the frozen broker"

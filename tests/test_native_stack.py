@@ -38,7 +38,9 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(900)]
 DEPLOY = REPO / "deploy"
 TEST_KL_CRITICAL = 0.1  # nats; shipped 0.2
 PRIMARY_TRAINING_STEPS = 1200  # about a minute at the primary's 20 steps per second
-CANARY_SYNC_SECONDS = 180.0  # the canary lags the whole training minute (slower on a busy machine), then catches up once
+CANARY_SYNC_SECONDS = (
+    180.0  # the canary lags the whole training minute (slower on a busy machine), then catches up once
+)
 
 # Panels whose series exist only in some configurations, so they may be empty here.
 MAY_BE_EMPTY = {

@@ -33,7 +33,7 @@ def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def _in_step(primary: Primary, twin: Twin, min_version: int = 0) -> bool:
-    """True when the twin holds a version the primary published, with that version's exact digest."""
+    """True when the twin has a version the primary published, with that version's exact digest."""
     reference = twin.reference
     if reference is None or reference.version < min_version:
         return False

@@ -70,7 +70,7 @@ class Primary:
         self.losses: deque[float] = deque(maxlen=LOSS_WINDOW_STEPS)
 
         self._publish_lock = asyncio.Lock()
-        self._resync_wanted = asyncio.Event()
+        self._resync_requested = asyncio.Event()
         self._snapshot_on_connect = False
 
         metric = families(registry)
@@ -226,7 +226,7 @@ class Primary:
             self._count("status", birth)
         if self._snapshot_on_connect or self.link.connections == 1:
             self._snapshot_on_connect = False
-            self._resync_wanted.set()
+            self._resync_requested.set()
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
         try:
@@ -245,18 +245,18 @@ class Primary:
             request.reason,
             request.version,
         )
-        self._resync_wanted.set()
+        self._resync_requested.set()
 
     async def _serve_resyncs(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            waiter = asyncio.ensure_future(self._resync_wanted.wait())
+            waiter = asyncio.ensure_future(self._resync_requested.wait())
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stopper.cancel()
             if stop.is_set():
                 return
-            self._resync_wanted.clear()
+            self._resync_requested.clear()
             async with self._publish_lock:
                 messages = await asyncio.to_thread(self.state.snapshot, self.settings.max_message_bytes)
                 self._version.set(self.state.version)

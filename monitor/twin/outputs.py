@@ -1,9 +1,9 @@
 """Compare the twin's next-token distributions with the primary's and export the result.
 
 Each outputs batch gives one value per signal (the mean over its finite positions). The gauges show the mean
-of the last `window` batches; the attributed gauges split the KL by cause: `same_version` when the replica
-ran the version that produced the batch (so any divergence comes from the twin's own numerics: quantization,
-blending) and `version_lag` when it ran another one.
+of the last `window` batches. The attributed gauges split the KL by cause. The cause is `same_version` when
+the replica ran the version that produced the batch, so any divergence comes from the twin's own numerics
+(quantization, blending), and `version_lag` when it ran another version.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class OutputMonitor:
             self._position_kl.observe(float(value))
 
         if cause == "same_version":
-            # The budget is the twin's own numerics; divergence from lag is judged by the staleness alerts,
+            # The budget describes the twin's own numerics. Divergence from lag is judged by the staleness alerts,
             # and calibrating on it would fold a primary's fast early learning into the baseline.
             self.budget.observe(kl)
         if self.budget.value is not None:

@@ -1,7 +1,7 @@
 """The twin's copy of the primary's weights, moved forward by snapshots and deltas.
 
 Each accepted update produces a new `WeightSet` whose arrays are never written again, so a comparison that
-uses the previous set keeps computing on one consistent version while the next one is being built: there is
+uses the previous set keeps computing on one consistent version while the next one is being built. There is
 no torn mix of two versions. Every update must reproduce the primary's state digest, or it is discarded.
 """
 
