@@ -436,7 +436,7 @@ def test_alertmanager_receivers_post_to_alert_sink() -> None:
 
 
 class _RecordingHandler(http.server.BaseHTTPRequestHandler):
-    """Queues the path and JSON body of every POST and answers 200."""
+    """Queue the path and JSON body of every POST and reply 200."""
 
     received: queue.Queue[tuple[str, Any]]
 
@@ -454,7 +454,7 @@ class _RecordingHandler(http.server.BaseHTTPRequestHandler):
 def webhook() -> Iterator[tuple[str, queue.Queue[tuple[str, Any]]]]:
     """A webhook receiver on a free loopback port that records notifications.
 
-    It stands in for the alert sink so that these tests depend on the Alertmanager configuration only;
+    It replaces the alert sink so that these tests depend on the Alertmanager configuration only;
     tests/test_alert_sink.py covers the sink itself.
     """
     received: queue.Queue[tuple[str, Any]] = queue.Queue()
