@@ -69,7 +69,7 @@ def test_broker_sigkill_and_restart(mosquitto: Mosquitto) -> None:
             mosquitto.start()
 
             await _wait(lambda: mirror.link.connected.is_set() and primary.link.connected.is_set(), 60, "reconnection")
-            await _wait(lambda: primary.steps >= 700, 60, "the primary to finish training")
+            await _wait(primary.training_done.is_set, 60, "the primary to finish training")
             await _wait(lambda: mirror.replica.version == primary.state.version, 30, "mirror at the final version")
             assert primary.state.version > version_at_kill
         finally:
@@ -194,7 +194,7 @@ def test_lossy_link_detected_and_resynced(mosquitto: Mosquitto) -> None:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(service.run(stop)) for service in (mirror, primary)]
         try:
-            await _wait(lambda: primary.steps >= 300, 60, "primary done")
+            await _wait(primary.training_done.is_set, 60, "primary done")
             await _wait(lambda: mirror.replica.version == primary.state.version, 30, "mirror at the final version")
         finally:
             stop.set()

@@ -72,6 +72,9 @@ class Primary:
         self._publish_lock = asyncio.Lock()
         self._resync_requested = asyncio.Event()
         self._snapshot_on_connect = False
+        # Set once --max-steps is reached and the update for that step was handed to the link. Only a snapshot
+        # sent after a later reconnection or resync still moves the published version.
+        self.training_done = asyncio.Event()
 
         metric = families(registry)
         model_id = settings.model_id
@@ -155,6 +158,7 @@ class Primary:
                     updates += 1
                     await self._publish_update(snapshot=updates % settings.snapshot_every == 0)
                     if self.steps == settings.max_steps:
+                        self.training_done.set()
                         logger.info(
                             "training stopped at --max-steps %d; serving version %d", self.steps, self.state.version
                         )
