@@ -61,6 +61,28 @@ def test_contract_metrics_all_defined() -> None:
     assert missing == []
 
 
+def _missing_metrics(exposition: str) -> list[str]:
+    exported = {
+        line.split("{")[0].split(" ")[0].removesuffix("_bucket")
+        for line in exposition.splitlines()
+        if not line.startswith("#")
+    }
+    return [name for name in CONTRACT_METRICS if name not in exported]
+
+
+def _scrape_until_complete(port: int, deadline: float) -> str:
+    """Scrape the demo's /metrics until every contract metric is there or the deadline passes; return the last body."""
+    exposition = ""
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                exposition = response.read().decode()
+            if not _missing_metrics(exposition):
+                break
+    return exposition
+
+
 def test_demo_runs_and_exports_every_contract_metric() -> None:
     port = free_port()
     process = subprocess.Popen(
@@ -81,9 +103,7 @@ def test_demo_runs_and_exports_every_contract_metric() -> None:
         text=True,
     )
     try:
-        time.sleep(14)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            exposition = response.read().decode()
+        exposition = _scrape_until_complete(port, deadline=time.monotonic() + 18)
         stdout, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
@@ -91,13 +111,7 @@ def test_demo_runs_and_exports_every_contract_metric() -> None:
             process.wait(timeout=10)
 
     assert process.returncode == 0, stderr[-3000:]
-    exported = {
-        line.split("{")[0].split(" ")[0].removesuffix("_bucket")
-        for line in exposition.splitlines()
-        if not line.startswith("#")
-    }
-    missing = [name for name in CONTRACT_METRICS if name not in exported]
-    assert missing == []
+    assert _missing_metrics(exposition) == []
     summaries = [line for line in stdout.splitlines() if "primary loss" in line]
     assert len(summaries) >= 3
     assert "mirror: lag" in summaries[-1]

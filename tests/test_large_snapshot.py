@@ -61,8 +61,10 @@ def test_300_mib_snapshot_chunked_and_switched_atomically(small_packet_broker: M
             while not (primary.steps >= 2 and twin.replica.version == primary.state.version == 2):
                 assert time.monotonic() < deadline, "the large model never synced"
                 await asyncio.sleep(0.1)
-            # Let the twin compare a few batches on the final version.
-            await asyncio.sleep(1.0)
+            # Wait until the twin has compared at least one batch at the same version as the primary.
+            while twin.outputs.cause_windows["same_version"].count < 1:
+                assert time.monotonic() < deadline, "the twin never compared a batch at the same version"
+                await asyncio.sleep(0.1)
         finally:
             stop.set()
             await asyncio.gather(*tasks)
