@@ -233,6 +233,10 @@ class Primary:
             self._resync_requested.set()
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic != self.topics.control:
+            # The primary subscribes to its control topic alone, so a message on another topic was misdelivered.
+            logger.debug("ignored message on unsubscribed topic=%s bytes=%d", topic, len(payload))
+            return
         try:
             request = ControlRequest.model_validate(json.loads(payload))
         except (ValueError, ValidationError) as exc:

@@ -8,11 +8,46 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import ItemsView, Iterator
 from types import TracebackType
+from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.session import Session
 
 logger = logging.getLogger(__name__)
+
+
+class _SnapshotDict(dict[str, Any]):
+    """A dict whose iterations walk a copy, so another task may add or remove keys meanwhile.
+
+    amqtt 0.12 loops over its subscription table with awaits inside the loop. A client that subscribes to a new
+    topic during such a loop made it raise "dictionary changed size during iteration", and the broker dropped the
+    connecting client, which then waited for a SUBACK until its timeout.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(dict.keys(self)))
+
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        return dict.copy(self).items()
+
+
+class _LoopbackBroker(Broker):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt's broker with its subscription table made safe to change during iteration (see `_SnapshotDict`)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._subscriptions = _SnapshotDict()
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # On connect, amqtt 0.12 sends the retained messages of every client's subscriptions to the new client.
+        # Send only those of subscriptions this session holds, so no client gets topics it never subscribed to.
+        holders = self._subscriptions.get(subscription[0], [])
+        if any(holder.client_id == session.client_id for holder, _ in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,7 +76,7 @@ class EmbeddedBroker:
         }
         # amqtt logs every packet at INFO; keep the demo's terminal for the summary.
         logging.getLogger("amqtt").setLevel(logging.WARNING)
-        self._broker = Broker(config)
+        self._broker = _LoopbackBroker(config)
         await self._broker.start()
         logger.info("embedded broker started url=%s", self.url)
         return self

@@ -62,6 +62,17 @@ class _CountingQueue(asyncio.Queue[Any]):
             raise
 
 
+def _mark_disconnect_seen(client: aiomqtt.Client) -> None:
+    """Retrieve the error of the client's disconnect future, which aiomqtt 2 leaves unread on a lost connection.
+
+    The link has already reported the loss by raising `MqttError`. Unread, the future makes asyncio log
+    "Future exception was never retrieved" when it is collected.
+    """
+    disconnected: asyncio.Future[None] = client._disconnected
+    if disconnected.done() and not disconnected.cancelled():
+        disconnected.exception()
+
+
 class MqttLink:
     """A long-lived MQTT connection that reconnects until `stop` is set."""
 
@@ -161,24 +172,46 @@ class MqttLink:
             socket_options=_NODELAY,
             tls_context=ssl.create_default_context() if self.address.tls else None,
         )
-        async with client:
-            self._client = client
-            self._queue = client._queue  # type: ignore[assignment]  # aiomqtt keeps the queue private
-            self.connections += 1
-            logger.info(
-                "mqtt connected client_id=%s broker=%s connection=%d", self.client_id, self.address, self.connections
-            )
-            for topic, qos in self._subscriptions:
-                await client.subscribe(topic, qos=qos, timeout=10.0)
-            self._set_connected(True)
-            if self._on_connect is not None:
-                await self._on_connect()
+        try:
+            async with client:
+                self._client = client
+                self._queue = client._queue  # type: ignore[assignment]  # aiomqtt keeps the queue private
+                self.connections += 1
+                logger.info(
+                    "mqtt connected client_id=%s broker=%s connection=%d",
+                    self.client_id,
+                    self.address,
+                    self.connections,
+                )
+                await self._subscribe(client)
+                self._set_connected(True)
+                if self._on_connect is not None:
+                    await self._on_connect()
 
-            try:
-                await self._consume(client, stop)
-            finally:
-                self._client = None
-                self._set_connected(False)
+                try:
+                    await self._consume(client, stop)
+                finally:
+                    self._client = None
+                    self._set_connected(False)
+        finally:
+            _mark_disconnect_seen(client)
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        """Subscribe to every topic in one request, and raise `MqttError` at once if the connection drops meanwhile."""
+        # aiomqtt 2 keeps waiting for a SUBACK after the connection is gone, until its 10 s timeout, so the
+        # request races the client's private disconnect future.
+        disconnected: asyncio.Future[None] = client._disconnected
+        subscribing = asyncio.ensure_future(client.subscribe(self._subscriptions, timeout=10.0))
+        waiters: set[asyncio.Future[Any]] = {subscribing, disconnected}
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            subscribing.cancel()
+            raise
+        if subscribing not in done:
+            subscribing.cancel()
+            raise aiomqtt.MqttError("connection lost while subscribing")
+        subscribing.result()
 
     async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         messages = aiter(client.messages)
