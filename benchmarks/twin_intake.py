@@ -5,7 +5,7 @@ log-probabilities of the reference model, about 17 KB each) twice: once to a bar
 only counts what arrives (the baseline), once to a twin that decodes, validates, runs its replica and computes
 every divergence. Reported: messages per second and one-way latency percentiles of both, and their ratio.
 
-Usage: python benchmarks/twin_intake.py [--messages 3000] [--rate 200] [--repeats 5]
+Usage, from the repository root: python -m benchmarks.twin_intake [--messages 3000] [--rate 200] [--repeats 5]
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NoReturn, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from pydantic import ValidationError
@@ -72,8 +73,21 @@ def _load(model: type[BaseSettings], given: dict[str, Any], prog: str) -> Any:
         name = str(error["loc"][0])
         source = "--" + name.replace("_", "-") if name in given else "LLM_TWIN_" + name.upper()
         value = error.get("input")
-        shown = ", ".join(map(str, value)) if isinstance(value, list) else repr(value)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            shown = ", ".join(repr(item) for item in value)  # a repeated option such as --corpus
+        else:
+            shown = repr(_without_credentials(value))
         _fail(prog, f"invalid {source} {shown}: {message}")
+
+
+def _without_credentials(value: Any) -> Any:
+    """Return `value`, with the user name and password of a URL replaced by '***' so no error message shows them."""
+    if not isinstance(value, str):
+        return value
+    parts = urlsplit(value)
+    if "@" not in parts.netloc:
+        return value
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def build_parser() -> argparse.ArgumentParser:

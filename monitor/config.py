@@ -54,6 +54,17 @@ class CommonSettings(BaseSettings):
     def _check_model_id(cls, value: str) -> str:
         return check_id(value, "model id")
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> Self:
+        if self.mqtt_password is not None and not self.mqtt_username:
+            raise ValueError("LLM_TWIN_MQTT_PASSWORD is set but --mqtt-username is not; set both, or neither")
+        return self
+
     @property
     def broker_address(self) -> BrokerAddress:
         return parse_broker_url(self.broker)

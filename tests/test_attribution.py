@@ -165,7 +165,7 @@ def test_drift_counts_increases_only() -> None:
     def feed(level: float, batches: int) -> None:
         for _ in range(batches):
             kl = level * rng.gamma(2.0, 0.5, size=16)
-            monitor.record({"kl": kl, "js": kl, "top1": np.ones(16), "l2": kl}, "version_lag")
+            monitor.record({"kl": kl, "js": kl, "top1": np.ones(16), "l2": kl}, "same_version")
 
     def detections() -> float:
         value = registry.get_sample_value(
@@ -183,3 +183,22 @@ def test_drift_counts_increases_only() -> None:
     assert before_rise == 0
     assert after_rise >= 1
     assert after_fall == after_rise
+
+
+def test_drift_ignores_lag_batches() -> None:
+    registry = CollectorRegistry()
+    monitor = OutputMonitor(families(registry), "testlm", "periodic", window=5, budget=0.01)
+    rng = np.random.default_rng(4)
+
+    # A periodic twin's sawtooth: divergence and disagreement climb with the lag, then drop at each sync.
+    for _ in range(4):
+        for step in range(200):
+            lag = step // 10
+            kl = 0.01 * (1 + lag) * rng.gamma(2.0, 0.5, size=16)
+            top1 = (rng.random(16) > 0.02 * lag).astype(float)
+            monitor.record({"kl": kl, "js": kl, "top1": top1, "l2": kl}, "version_lag")
+
+    for signal in ("kl", "top1_disagreement"):
+        labels = {"model_id": "testlm", "twin_id": "periodic", "signal": signal}
+        assert registry.get_sample_value("llm_twin_drift_detected_total", labels) == 0.0
+    assert monitor.cause_windows["version_lag"].count == 5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.twin.checkpoint import load_checkpoint, save_checkpoint
+from monitor.twin.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from monitor.twin.reference import ReferenceTracker, WeightSet
 from monitor.wire.codec import encode
 from monitor.wire.envelope import Kind
@@ -84,15 +84,6 @@ def test_checkpoint_restores_tracker(tmp_path: Path) -> None:
     assert restored.version == held.version
     assert resumed.session_id == tracker.session_id
     assert resumed.last_seq == tracker.last_seq
-
-
-def test_checkpoint_creates_missing_folder(tmp_path: Path) -> None:
-    tracker, held = _followed()
-    path = tmp_path / "state" / "twins" / "twin.ckpt"
-
-    _save(path, tracker, held)
-
-    assert load_checkpoint(path, MAX_BYTES) is not None
 
 
 def test_checkpoint_save_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -228,3 +219,26 @@ def test_checkpoint_load_ignores_snapshot_without_architecture(
 
     assert message is None
     assert "not a snapshot with an architecture" in caplog.text
+
+
+def test_check_rejects_other_models_file(tmp_path: Path) -> None:
+    path = tmp_path / "twin.ckpt"
+    _save(path, *_followed())
+
+    check_checkpoint(path, MODEL_ID)
+    with pytest.raises(ValueError, match=f"contains model '{MODEL_ID}', not --model-id 'othermodel'"):
+        check_checkpoint(path, "othermodel")
+
+
+def test_check_rejects_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"checkpoint directory .* not found; create it"):
+        check_checkpoint(tmp_path / "absent" / "twin.ckpt", MODEL_ID)
+    assert not (tmp_path / "absent").exists()
+
+
+def test_check_passes_damaged_file(tmp_path: Path) -> None:
+    path = tmp_path / "twin.ckpt"
+    path.write_bytes(b"\xff" * 64)
+
+    check_checkpoint(path, MODEL_ID)
+    assert load_checkpoint(path, MAX_BYTES) is None

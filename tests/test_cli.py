@@ -42,6 +42,10 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         (["primary", "--broker", "tcp://127.0.0.1:1883"], {}, "invalid --broker"),
         (["primary", "--corpus", "/no/such/corpus"], {}, "'/no/such/corpus' not found"),
         (["twin", "--twin-id", "a/b"], {}, "invalid --twin-id 'a/b'"),
+        (["twin", "--checkpoint", "/no/such/dir/twin.ckpt"], {}, "checkpoint directory '/no/such/dir' not found"),
+        (["twin", "--broker", "mqtt://user:secret@127.0.0.1"], {}, "invalid --broker 'mqtt://***@127.0.0.1'"),
+        (["twin"], {"LLM_TWIN_MQTT_PASSWORD": "secret"}, "LLM_TWIN_MQTT_PASSWORD is set but --mqtt-username is not"),
+        (["twin"], {"LLM_TWIN_DETECTOR_PARAMS": "[1, 2]"}, "invalid LLM_TWIN_DETECTOR_PARAMS [1, 2]"),
     ],
 )
 def test_cli_invalid_option_exits_2(args: list[str], env: dict[str, str], expected: str) -> None:
@@ -51,6 +55,7 @@ def test_cli_invalid_option_exits_2(args: list[str], env: dict[str, str], expect
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
+    assert "secret" not in result.stderr
 
 
 def test_contract_metrics_all_defined() -> None:

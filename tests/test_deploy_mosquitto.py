@@ -9,7 +9,9 @@ to each service. Retained messages make every delivery check independent of subs
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import logging
 import re
 import shutil
 import socket
@@ -22,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from monitor.transport.broker_url import parse_broker_url
+from monitor.transport.mqtt import Backoff, MqttLink
 from tests.compose_file import REPO, load_compose
 from tests.servers_prometheus import free_loopback_port
 
@@ -357,3 +361,35 @@ def test_mosquitto_password_file_contains_only_hashes() -> None:
 
     assert lines
     assert unhashed == []
+
+
+def test_link_names_credentials_when_refused(broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    async def ignore(topic: str, payload: bytes) -> None:
+        return None
+
+    link = MqttLink(
+        parse_broker_url(f"mqtt://127.0.0.1:{broker.port}"),
+        "refused-test",
+        subscriptions=[(f"{TOPIC}/weights", 1)],
+        on_message=ignore,
+        username="twin",
+        password="not-the-password",
+        backoff=Backoff(base_seconds=0.05, cap_seconds=0.1),
+    )
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(link.run(stop))
+        await asyncio.sleep(1.0)
+        stop.set()
+        await task
+
+    with caplog.at_level(logging.WARNING, logger="monitor.transport.mqtt"):
+        asyncio.run(scenario())
+
+    failures = [record.getMessage() for record in caplog.records if "connect failed" in record.getMessage()]
+    assert failures
+    assert "not authori" in failures[0].lower()
+    assert "check --mqtt-username and LLM_TWIN_MQTT_PASSWORD" in failures[0]
+    assert "not-the-password" not in caplog.text
+    assert link.connections == 0

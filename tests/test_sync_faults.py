@@ -227,3 +227,52 @@ def test_primary_rejects_outputs_over_message_limit(mosquitto: Mosquitto) -> Non
 
     assert "--batch-size 64" in str(raised.value)
     assert np.isfinite(len(str(raised.value)))
+
+
+def test_frozen_twin_lag_spans_primary_restart(mosquitto: Mosquitto) -> None:
+    twin_registry = CollectorRegistry()
+    frozen = Twin(twin_settings(mosquitto.url, "frozen", sync_policy="frozen"), twin_registry)
+    first = Primary(primary_settings(mosquitto.url, publish_every=1, max_steps=30), CollectorRegistry())
+    second = Primary(primary_settings(mosquitto.url, publish_every=1, max_steps=5), CollectorRegistry())
+    same_version_batches: list[int] = []
+
+    async def scenario() -> None:
+        stop_twin, stop_first, stop_second = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        twin_task = asyncio.create_task(frozen.run(stop_twin))
+        first_task = asyncio.create_task(first.run(stop_first))
+        try:
+            await _wait(lambda: frozen.replica.loaded and first.training_done.is_set(), 30, "the first session")
+            await _wait(lambda: frozen.announced_version == first.state.version, 10, "the first session's end")
+            stop_first.set()
+            await first_task
+            same_version_batches.append(frozen.outputs.cause_windows["same_version"].count)
+
+            second_task = asyncio.create_task(second.run(stop_second))
+            try:
+                await _wait(second.training_done.is_set, 30, "the second session")
+                await _wait(
+                    lambda: (
+                        frozen.primary_session == second.state.session_id
+                        and frozen.announced_version == second.state.version
+                    ),
+                    10,
+                    "the twin to follow the second session",
+                )
+                frozen._update_gauges()
+            finally:
+                stop_second.set()
+                await second_task
+            same_version_batches.append(frozen.outputs.cause_windows["same_version"].count)
+        finally:
+            stop_first.set()
+            stop_twin.set()
+            await asyncio.gather(twin_task, first_task)
+
+    asyncio.run(scenario())
+
+    lag = _value(twin_registry, "llm_twin_version_lag", model_id="testlm", twin_id="frozen")
+    assert frozen.replica.session_id == first.state.session_id
+    assert frozen.replica.version == 0
+    assert lag == second.state.version + 1
+    # Batches of the second session at version 0 ran on the first session's version 0: lag, not numerics.
+    assert same_version_batches[1] == same_version_batches[0]

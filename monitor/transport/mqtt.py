@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 
 from monitor.transport.broker_url import BrokerAddress
 
@@ -60,6 +61,22 @@ class _CountingQueue(asyncio.Queue[Any]):
         except asyncio.QueueFull:
             self.dropped += 1
             raise
+
+
+# CONNACK codes that mean the credentials were refused: MQTT 3.1.1 (4, 5) and the MQTT 5 reason codes (134, 135)
+# that paho reports for both protocol versions.
+_AUTH_REFUSED_CODES = {4, 5, 134, 135}
+
+
+def _hint(exc: aiomqtt.MqttError) -> str:
+    """Return what to check for errors whose fix lies with the user, or an empty string."""
+    code = getattr(exc, "rc", None)
+    value = getattr(code, "value", code)
+    if isinstance(exc, MqttConnectError) and value in _AUTH_REFUSED_CODES:
+        return "; check --mqtt-username and LLM_TWIN_MQTT_PASSWORD against the broker's password file and ACL"
+    if "Disconnected during message iteration" in str(exc):
+        return "; the broker closed the connection (restarted, or another client took this client id)"
+    return ""
 
 
 def _mark_disconnect_seen(client: aiomqtt.Client) -> None:
@@ -107,6 +124,7 @@ class MqttLink:
         self._client: aiomqtt.Client | None = None
         self._queue: _CountingQueue | None = None
         self.connected = asyncio.Event()
+        self._subscribed = False
         self.connections = 0
         self.dropped_incoming = 0
         """Messages that arrived while the incoming queue was full and were discarded; callers resync."""
@@ -115,20 +133,22 @@ class MqttLink:
         """Connect, serve, and reconnect after failures until `stop` is set."""
         attempt = 0
         while not stop.is_set():
+            self._subscribed = False
             try:
                 await self._serve_once(stop)
                 attempt = 0
             except aiomqtt.MqttError as exc:
-                was_connected = self.connected.is_set()
                 self._set_connected(False)
+                if self._subscribed:
+                    attempt = 0  # a session that worked: start the backoff over
                 delay = self._backoff.delay(attempt)
                 attempt += 1
                 logger.warning(
                     "mqtt %s client_id=%s broker=%s error=%r retry_in=%.2fs attempt=%d",
-                    "connection lost" if was_connected else "connect failed",
+                    "connection lost" if self._subscribed else "connect failed",
                     self.client_id,
                     self.address,
-                    str(exc),
+                    str(exc) + _hint(exc),
                     delay,
                     attempt,
                 )
@@ -184,6 +204,7 @@ class MqttLink:
                     self.connections,
                 )
                 await self._subscribe(client)
+                self._subscribed = True
                 self._set_connected(True)
                 if self._on_connect is not None:
                     await self._on_connect()

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from monitor.twin.reference import WeightSet
-from monitor.wire.codec import Message, decode, encode
+from monitor.wire.codec import DEFAULT_MAX_HEADER_BYTES, HEADER_LENGTH_BYTES, Message, decode, encode, peek_envelope
 from monitor.wire.envelope import Architecture, Envelope, Kind
 from monitor.wire.errors import WireError
 
@@ -32,13 +32,39 @@ def save_checkpoint(path: Path, model_id: str, weights: WeightSet, architecture:
     )
     payload = encode(envelope, weights.weights)
     temporary = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(temporary, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     logger.info("checkpoint saved path=%s version=%d bytes=%d", path, weights.version, len(payload))
+
+
+def check_checkpoint(path: Path, model_id: str) -> None:
+    """Raise ValueError when `path` cannot hold this twin's checkpoint: no such directory, or another model's file.
+
+    A file that cannot be read as a checkpoint passes: `load_checkpoint` reports it and the next save replaces it.
+    """
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"checkpoint directory '{path.parent}' not found; create it or choose another --checkpoint path"
+        )
+    if not path.is_file():
+        return
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(HEADER_LENGTH_BYTES)
+            head += handle.read(min(int.from_bytes(head, "little"), DEFAULT_MAX_HEADER_BYTES))
+        envelope = peek_envelope(head)
+    except (OSError, WireError):
+        return
+
+    if envelope.model_id != model_id:
+        raise ValueError(
+            f"checkpoint '{path}' contains model '{envelope.model_id}', not --model-id '{model_id}'; "
+            "choose another --checkpoint file or remove this one"
+        )
 
 
 def load_checkpoint(path: Path, max_bytes: int) -> Message | None:

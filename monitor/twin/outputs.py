@@ -160,10 +160,15 @@ class OutputMonitor:
         for value in signals["kl"][finite]:
             self._position_kl.observe(float(value))
 
-        if cause == "same_version":
-            # The budget describes the twin's own numerics. Divergence from lag is judged by the staleness alerts,
-            # and calibrating on it would fold a primary's fast early learning into the baseline.
-            self.budget.observe(kl)
+        if cause != "same_version":
+            # Divergence from lag follows the sync policy by design: a periodic twin's sawtooth, an ema twin's
+            # trail, a frozen twin's growth. The threshold and staleness alerts judge it, and a change-point
+            # test on it would report every sync.
+            return used
+
+        # The budget and the detectors describe the twin's own numerics. Calibrating on lag would also fold a
+        # primary's fast early learning into the baseline.
+        self.budget.observe(kl)
         if self.budget.value is not None:
             # Scaled by the twin's own baseline, the KL stream has the same level for every role, which is the
             # regime where the detector's defaults were measured (docs/detectors.md).

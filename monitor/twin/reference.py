@@ -46,8 +46,9 @@ class WeightSet:
 class ReferenceTracker:
     """Apply weights messages in order; detect duplicates, gaps, new sessions and corrupt updates."""
 
-    def __init__(self, max_parameters: int) -> None:
+    def __init__(self, max_parameters: int, twin_id: str = "") -> None:
         self.max_parameters = max_parameters
+        self.twin_id = twin_id
         self.current: WeightSet | None = None
         self.architecture: Architecture | None = None
         self.session_id: str | None = None
@@ -72,7 +73,8 @@ class ReferenceTracker:
         if same_session and envelope.seq > self.last_seq + 1:
             self.gaps += 1
             logger.warning(
-                "weights sequence gap session=%s expected=%d got=%d",
+                "weights sequence gap twin_id=%s session=%s expected=%d got=%d",
+                self.twin_id,
                 envelope.session_id,
                 self.last_seq + 1,
                 envelope.seq,

@@ -45,6 +45,8 @@ class Replica:
         self.dtype: ReplicaDtype = dtype
         self.weights: Weights | None = None
         self.version = -1
+        self.session_id = ""
+        """Primary session of `version`: versions of different sessions are unrelated."""
         self.created_ns = 0
         self.changes = 0
 
@@ -71,5 +73,6 @@ class Replica:
         # One assignment replaces the whole dict, so a reader holding the old one keeps a consistent version.
         self.weights = weights
         self.version = source.version
+        self.session_id = source.session_id
         self.created_ns = source.created_ns
         self.changes += 1

@@ -24,7 +24,7 @@ from monitor.model.registry import build_model
 from monitor.topics import Topics
 from monitor.transport.mqtt import MqttLink
 from monitor.twin.batches import parse_outputs
-from monitor.twin.checkpoint import load_checkpoint, save_checkpoint
+from monitor.twin.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from monitor.twin.outputs import OutputMonitor
 from monitor.twin.policies import make_policy
 from monitor.twin.reference import ReferenceTracker, ResyncNeeded, WeightSet
@@ -44,9 +44,11 @@ class Twin:
     """One twin process: reference tracking, replica sync, output comparison and metrics."""
 
     def __init__(self, settings: TwinSettings, registry: CollectorRegistry) -> None:
+        if settings.checkpoint is not None:
+            check_checkpoint(settings.checkpoint, settings.model_id)
         self.settings = settings
         self.topics = Topics(settings.model_id)
-        self.tracker = ReferenceTracker(max_parameters=settings.max_parameters)
+        self.tracker = ReferenceTracker(max_parameters=settings.max_parameters, twin_id=settings.twin_id)
         self.replica = Replica(settings.replica_dtype)
         self.policy = make_policy(settings.sync_policy, interval=settings.sync_interval, alpha=settings.ema_alpha)
         self.reassembler = Reassembler(max_total_bytes=settings.max_parameters * 4 + (1 << 20))
@@ -68,6 +70,11 @@ class Twin:
             if settings.grafana_url and settings.grafana_token
             else None
         )
+        if settings.grafana_url and self.annotator is None:
+            logger.warning(
+                "grafana annotations off twin_id=%s: --grafana-url is set but LLM_TWIN_GRAFANA_TOKEN is not",
+                settings.twin_id,
+            )
         self.outputs = OutputMonitor(
             metric,
             *labels,
@@ -134,7 +141,12 @@ class Twin:
         await self._save_checkpoint()
         if self.annotator is not None:
             await asyncio.to_thread(self.annotator.close)
-        logger.info("twin stopped twin_id=%s version=%d", self.settings.twin_id, self.replica.version)
+        logger.info(
+            "twin stopped twin_id=%s replica_version=%s primary_weights_version=%s",
+            self.settings.twin_id,
+            self.replica.version if self.replica.loaded else "none",
+            self.reference.version if self.reference is not None else "none",
+        )
 
     def _resume(self, path: Path) -> None:
         message = load_checkpoint(path, self.reassembler.max_total_bytes)
@@ -277,11 +289,11 @@ class Twin:
         if weights is None:
             return
         model = build_model(architecture)
-        version = self.replica.version
+        produced_by = (self.replica.session_id, self.replica.version)
         contexts = batch.contexts
         twin_logprobs = await asyncio.to_thread(lambda: log_softmax(model.forward(weights, contexts)))
         signals = batch.compare(twin_logprobs)
-        cause = "same_version" if version == envelope.version else "version_lag"
+        cause = "same_version" if produced_by == (envelope.session_id, envelope.version) else "version_lag"
         self.outputs.record(signals, cause)
 
     # Resync requests.
@@ -390,5 +402,9 @@ class Twin:
 
     def _update_gauges(self) -> None:
         if self.replica.loaded:
-            self._lag.set(max(0, self.announced_version - self.replica.version))
+            if self.replica.session_id == self.primary_session:
+                self._lag.set(max(0, self.announced_version - self.replica.version))
+            else:
+                # A replica from an earlier primary session has no version of the current one, not even 0.
+                self._lag.set(self.announced_version + 1)
             self._staleness.set(max(0.0, (time.time_ns() - self.replica.created_ns) / 1e9))

@@ -100,6 +100,12 @@ def decode(
     return Message(envelope=envelope, tensors=tensors, nbytes=len(payload))
 
 
+def peek_envelope(head: bytes, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Envelope:
+    """Return the envelope from the start of a message (length and header), without reading its tensors."""
+    header, _ = _read_header(head, max_header_bytes)
+    return _read_envelope(header)
+
+
 def check_shapes(tensors: Mapping[str, npt.NDArray[Any]], expected: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
     """Raise WireError unless `tensors` has exactly the expected names, shapes and dtypes."""
     missing = sorted(set(expected) - set(tensors))
