@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, NoReturn, get_args, get_origin
@@ -80,6 +81,14 @@ def _load(model: type[BaseSettings], given: dict[str, Any], prog: str) -> Any:
         _fail(prog, f"invalid {source} {shown}: {message}")
 
 
+def _warn_unknown_variables(model: type[BaseSettings], prog: str) -> None:
+    """Log the LLM_TWIN_* variables that are not options of this command, most often a typo or another command's option."""
+    known = {"LLM_TWIN_" + name.upper() for name in model.model_fields}
+    unknown = sorted(name for name in os.environ if name.startswith("LLM_TWIN_") and name not in known)
+    if unknown:
+        logger.warning("ignored environment variables %s: not options of %s (see its --help)", unknown, prog)
+
+
 def _without_credentials(value: Any) -> Any:
     """Return `value`, with the user name and password of a URL replaced by '***' so no error message shows them."""
     if not isinstance(value, str):
@@ -138,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = models[command]
     settings = _load(model, args, prog)
     configure_logging(settings.log_level, settings.log_format)
+    _warn_unknown_variables(model, prog)
     registry = CollectorRegistry()
     try:
         main = _service(command, settings, registry)

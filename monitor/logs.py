@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from datetime import UTC, datetime
 
 REPEAT_WINDOW_SECONDS = 10.0
 REPEATS_PER_WINDOW = 5
@@ -40,14 +42,33 @@ class RepeatFilter(logging.Filter):
         return False
 
 
+# A key=value pair of a log message. The value runs to the next " key=" or the end, so free text such as an
+# error message stays whole.
+_FIELD = re.compile(r"(?:^|\s)([a-z_][a-z0-9_]*)=(.*?)(?=\s+[a-z_][a-z0-9_]*=|$)", re.DOTALL)
+
+
+def message_fields(message: str) -> dict[str, str]:
+    """Return the key=value pairs of a log message, with the quotes of quoted values removed."""
+    fields = {}
+    for key, value in _FIELD.findall(message):
+        fields[key] = value[1:-1] if value[:1] in ("'", '"') and value[-1:] == value[:1] else value
+    return fields
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: UTC time in milliseconds, level, logger, message and its key=value fields."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        message = record.getMessage()
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message,
         }
+        fields = message_fields(message)
+        if fields:
+            entry["fields"] = fields
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -191,3 +191,22 @@ def _retained_status(mosquitto: Mosquitto, accept: Callable[[Envelope], bool]) -
             assert time.monotonic() < deadline, "no matching retained status"
 
     return asyncio.run(read())
+
+
+def test_unknown_environment_variable_logged() -> None:
+    result = _run(
+        "primary",
+        "--duration",
+        "0.5",
+        "--metrics-port",
+        "0",
+        "--broker",
+        f"mqtt://127.0.0.1:{free_port()}",
+        env={"LLM_TWIN_BOGUS_OPTION": "1"},
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    ignored = [line for line in result.stderr.splitlines() if "ignored environment variables" in line]
+    assert len(ignored) == 1
+    assert "'LLM_TWIN_BOGUS_OPTION'" in ignored[0]
+    assert "not options of llm-twin primary" in ignored[0]

@@ -160,3 +160,45 @@ def test_twin_rejects_hostile_payloads_and_keeps_weights(mosquitto: Mosquitto) -
     assert twin.replica.weights is not None
     assert tensor_checksum(twin.replica.weights) == held[0]
     assert twin.link.connected.is_set() is False  # stopped cleanly at the end
+
+
+def test_primary_counts_bad_control_requests(mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    registry = CollectorRegistry()
+    primary = Primary(primary_settings(mosquitto.url, max_steps=5), registry)
+    bad_requests = [
+        b"\x80\x04not json",
+        b'{"request": "resync", "twin_id": "edge", "reason": "gap", "priority": 9}',
+        b'{"request": "rollback", "twin_id": "edge", "reason": "gap"}',
+    ]
+
+    def rejected() -> float:
+        labels = {"model_id": "testlm", "twin_id": "", "reason": "bad_control"}
+        return registry.get_sample_value("llm_twin_messages_rejected_total", labels) or 0.0
+
+    async def send() -> None:
+        await asyncio.sleep(0)
+        while not primary.link.connected.is_set():
+            await asyncio.sleep(0.02)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="bad-control") as client:
+            for payload in bad_requests:
+                await client.publish(primary.topics.control, payload, qos=1)
+
+    async def scenario() -> None:
+        sender = asyncio.create_task(send())
+        await run_until([primary], lambda: rejected() == len(bad_requests), timeout=30)
+        await sender
+
+    with caplog.at_level("WARNING", logger="monitor.primary.service"):
+        asyncio.run(scenario())
+
+    warnings = [record.getMessage() for record in caplog.records if "rejected control message" in record.getMessage()]
+    assert len(warnings) == 3
+    assert "field priority: Extra inputs are not permitted" in warnings[1]
+    assert "field request: String should match pattern" in warnings[2]
+    reasons = {
+        sample.labels["reason"]
+        for family in registry.collect()
+        if family.name == "llm_twin_messages_rejected"
+        for sample in family.samples
+    }
+    assert reasons == {"bad_control"}

@@ -287,13 +287,15 @@ class AlertSink:
             alertname = self.bounded_alertname(alert.alertname)
             self.received_alerts.labels(alertname, alert.severity, alert.status).inc()
             logger.info(
-                "Alert %s: alertname=%s severity=%s fingerprint=%s model_id=%s twin_id=%s",
+                "Alert %s: alertname=%s severity=%s fingerprint=%s model_id=%s twin_id=%s signal=%s instance=%s",
                 alert.status,
                 _printable(alert.alertname),
                 alert.severity,
                 _printable(alert.fingerprint),
                 _printable(alert.labels.get("model_id", "")),
                 _printable(alert.labels.get("twin_id", "")),
+                _printable(alert.labels.get("signal", "")),
+                _printable(alert.labels.get("instance", "")),
             )
         with self._lock:
             self._history.extend(alerts)

@@ -25,7 +25,6 @@ from monitor.primary.updates import PublishedState
 from monitor.topics import MODEL_ID_PATTERN, Topics
 from monitor.transport.mqtt import MqttLink
 from monitor.wire.envelope import Architecture, Kind
-from monitor.wire.errors import REJECT_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,8 @@ class Primary:
         self._connected = metric.broker_connected.labels(model_id, "")
         self._bytes = {kind: metric.published_bytes.labels(model_id, kind) for kind in PUBLISHED_KINDS}
         self._messages = {kind: metric.published_messages.labels(model_id, kind) for kind in PUBLISHED_KINDS}
-        self._rejected = {reason: metric.messages_rejected.labels(model_id, "", reason) for reason in REJECT_REASONS}
+        # Control requests are the only messages the primary receives, so bad_control is its only reason.
+        self._rejected = {"bad_control": metric.messages_rejected.labels(model_id, "", "bad_control")}
         self._connected.set(0)
 
         self.link = MqttLink(
@@ -241,9 +241,7 @@ class Primary:
             request = ControlRequest.model_validate(json.loads(payload))
         except (ValueError, ValidationError) as exc:
             self._rejected["bad_control"].inc()
-            logger.warning(
-                "rejected control message topic=%s bytes=%d error=%s", topic, len(payload), str(exc).splitlines()[0]
-            )
+            logger.warning("rejected control message topic=%s bytes=%d error=%s", topic, len(payload), _describe(exc))
             return
         self._resync_requests.inc()
         logger.info(
@@ -274,3 +272,12 @@ class Primary:
     def _count(self, kind: str, payload: bytes) -> None:
         self._messages[kind].inc()
         self._bytes[kind].inc(len(payload))
+
+
+def _describe(exc: ValueError) -> str:
+    """Return one line naming what is wrong with a control request: the first invalid field, or the JSON error."""
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "request"
+        return f"field {where}: {error['msg']}"
+    return str(exc).splitlines()[0]
