@@ -21,7 +21,7 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from monitor import __version__
-from monitor.config import CommonSettings, DemoSettings, PrimarySettings, TwinSettings
+from monitor.config import DemoSettings, PrimarySettings, ServiceSettings, TwinSettings
 from monitor.logs import configure_logging
 from monitor.serving import metrics_server, run_until_stopped
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="embedded broker, one primary and four twins (mirror, ema, frozen, int8)")
     _add_options(demo, DemoSettings)
     sink = commands.add_parser("alert-sink", help="receive Alertmanager webhooks, log and count them")
-    _add_options(sink, CommonSettings)
+    _add_options(sink, ServiceSettings)
 
     grafana = commands.add_parser("grafana", help="Grafana helpers")
     grafana_commands = grafana.add_subparsers(dest="grafana_command", required=True, metavar="ACTION")
@@ -138,11 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return grafana_push(args["grafana_url"], folder=args["folder"])
 
-    models: dict[str, type[CommonSettings]] = {
+    models: dict[str, type[ServiceSettings]] = {
         "primary": PrimarySettings,
         "twin": TwinSettings,
         "demo": DemoSettings,
-        "alert-sink": CommonSettings,
+        "alert-sink": ServiceSettings,
     }
     model = models[command]
     settings = _load(model, args, prog)

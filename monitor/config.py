@@ -25,23 +25,33 @@ TwinRole = Literal["mirror", "quantized", "ema", "canary", "frozen"]
 DetectorName = Literal["page_hinkley", "adwin"]
 
 
-class CommonSettings(BaseSettings):
-    """Options every service shares."""
+class ServiceSettings(BaseSettings):
+    """Options of every service: its /metrics endpoint, run time and logs."""
 
     model_config = SettingsConfigDict(env_prefix="LLM_TWIN_", extra="forbid", validate_default=True)
 
-    broker: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
-    model_id: str = Field("bytelm", description="id of the model; names the topics and the model_id label")
     metrics_port: int = Field(9400, ge=0, le=65535, description="port of /metrics; 0 picks a free port and logs it")
     metrics_host: str = Field("127.0.0.1", description="address /metrics listens on; 0.0.0.0 in containers")
     duration: float | None = Field(None, gt=0, description="run this many seconds, then stop cleanly")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="lowest level of log lines")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as key=value text or JSON objects")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class CommonSettings(ServiceSettings):
+    """Options every service on the broker shares: the primary, the twins and the demo."""
+
+    broker: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    model_id: str = Field("bytelm", description="id of the model; names the topics and the model_id label")
     mqtt_username: str | None = Field(None, description="MQTT user name")
     mqtt_password: SecretStr | None = Field(None, description="MQTT password (environment only)")
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=4096, le=268_435_000, description="largest MQTT payload sent or accepted, bytes"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="lowest level of log lines")
-    log_format: Literal["text", "json"] = Field("text", description="log lines as key=value text or JSON objects")
 
     @field_validator("broker")
     @classmethod
@@ -53,11 +63,6 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _check_model_id(cls, value: str) -> str:
         return check_id(value, "model id")
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper_log_level(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_credentials(self) -> Self:

@@ -210,3 +210,12 @@ def test_unknown_environment_variable_logged() -> None:
     assert len(ignored) == 1
     assert "'LLM_TWIN_BOGUS_OPTION'" in ignored[0]
     assert "not options of llm-twin primary" in ignored[0]
+
+
+def test_alert_sink_help_lists_only_its_options() -> None:
+    result = _run("alert-sink", "--help")
+
+    assert result.returncode == 0
+    assert "--metrics-port" in result.stdout
+    assert "--broker" not in result.stdout
+    assert "--mqtt-username" not in result.stdout

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from monitor.config import CommonSettings, PrimarySettings, TwinSettings
+from monitor.config import PrimarySettings, ServiceSettings, TwinSettings
 from tests.compose_file import COMPOSE_PATH, REPO, llm_twin_services, load_compose, native_invocation
 from tests.servers_prometheus import RunningServer, running_alertmanager
 
@@ -56,10 +56,10 @@ EXPECTED_LLM_TWIN_SERVICES: dict[str, tuple[str, dict[str, str]]] = {
     "alert-sink": ("alert-sink", {}),
 }
 
-SETTINGS_BY_COMMAND: dict[str, type[CommonSettings]] = {
+SETTINGS_BY_COMMAND: dict[str, type[ServiceSettings]] = {
     "primary": PrimarySettings,
     "twin": TwinSettings,
-    "alert-sink": CommonSettings,
+    "alert-sink": ServiceSettings,
 }
 
 SCRAPE_JOB_BY_COMMAND = {"primary": "llm-twin-primary", "twin": "llm-twin-twin", "alert-sink": "llm-twin-alert-sink"}
