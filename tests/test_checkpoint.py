@@ -242,3 +242,8 @@ def test_check_passes_damaged_file(tmp_path: Path) -> None:
 
     check_checkpoint(path, MODEL_ID)
     assert load_checkpoint(path, MAX_BYTES) is None
+
+
+def test_check_rejects_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a directory; give a file path"):
+        check_checkpoint(tmp_path, MODEL_ID)

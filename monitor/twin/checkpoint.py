@@ -41,10 +41,12 @@ def save_checkpoint(path: Path, model_id: str, weights: WeightSet, architecture:
 
 
 def check_checkpoint(path: Path, model_id: str) -> None:
-    """Raise ValueError when `path` cannot hold this twin's checkpoint: no such directory, or another model's file.
+    """Raise ValueError when `path` cannot be this twin's checkpoint: a directory, no such directory, or another model's file.
 
     A file that cannot be read as a checkpoint passes: `load_checkpoint` reports it and the next save replaces it.
     """
+    if path.is_dir():
+        raise ValueError(f"checkpoint path '{path}' is a directory; give a file path such as '{path / 'twin.ckpt'}'")
     if not path.parent.is_dir():
         raise ValueError(
             f"checkpoint directory '{path.parent}' not found; create it or choose another --checkpoint path"

@@ -27,6 +27,8 @@ FloatArray = npt.NDArray[np.float64]
 DETECTED_SIGNALS = ("kl", "top1_disagreement")
 BUDGET_FLOOR_NATS = 1e-6  # a budget of exactly 0 would make any rounding noise an alert
 BUDGET_QUANTILE = 0.99
+LEVEL_TIME_CONSTANT_BATCHES = 1000
+"""Time constant, in batches, of the level that scales the KL detector's input."""
 
 
 def full_signals(batch: DivergenceBatch) -> dict[str, FloatArray]:
@@ -53,6 +55,10 @@ class DivergenceBudget:
     The calibrated budget is the 0.99 quantile of the first `warmup` same-version batch means (at least 1e-6
     nats), so an alert can compare a quantized twin against its own baseline instead of against zero.
     """
+
+    # NOTE: calibrated once, at the twin's start. Against a primary that learns from scratch, the first batches
+    # misstate the later level: an ema twin's budget comes out 2 to 4 times its settled KL. docs/metrics.md
+    # advises --divergence-budget for that case.
 
     def __init__(self, gauge: LazyGauge, *, fixed: float | None, warmup: int, twin_id: str = "") -> None:
         self._gauge = gauge
@@ -82,6 +88,24 @@ class DivergenceBudget:
     def _set(self, value: float) -> None:
         self.value = value
         self._gauge.set(value)
+
+
+class SlowLevel:
+    """An exponential moving average of the same-version KL, the scale of the KL change-point detector's input.
+
+    Divided by it, the input stays near 1 while the KL drifts slowly (an int8 twin's error grows as a fresh
+    primary's weights spread), and moves with a change faster than about `time_constant` batches.
+    """
+
+    def __init__(self, start: float, time_constant: int = LEVEL_TIME_CONSTANT_BATCHES) -> None:
+        self.value = max(start, BUDGET_FLOOR_NATS)
+        self._rate = 1.0 / time_constant
+
+    def update(self, kl: float) -> float:
+        """Fold in one batch mean and return the level from before it, so a step is measured against the past."""
+        before = self.value
+        self.value = max(before + self._rate * (kl - before), BUDGET_FLOOR_NATS)
+        return before
 
 
 class OutputMonitor:
@@ -131,6 +155,7 @@ class OutputMonitor:
         }
         budget_gauge = LazyGauge(metrics.divergence_budget, *labels, "kl")
         self.budget = DivergenceBudget(budget_gauge, fixed=budget, warmup=budget_warmup, twin_id=twin_id)
+        self.level: SlowLevel | None = None
         self.batches = 0
         self._on_drift = on_drift
 
@@ -170,9 +195,12 @@ class OutputMonitor:
         # primary's fast early learning into the baseline.
         self.budget.observe(kl)
         if self.budget.value is not None:
-            # Scaled by the twin's own baseline, the KL stream has the same level for every role, which is the
-            # regime where the detector's defaults were measured (docs/detectors.md).
-            self._detect("kl", kl / self.budget.value, kl)
+            if self.level is None:
+                calibration = self.budget.calibrated_on
+                self.level = SlowLevel(float(np.mean(calibration)) if calibration else self.budget.value)
+            # Scaled by the twin's own level, the KL stream sits near 1 for every role, which is the regime where
+            # the detector's defaults were measured (docs/detectors.md).
+            self._detect("kl", kl / self.level.update(kl), kl)
         self._detect("top1_disagreement", 1.0 - means["top1"], 1.0 - means["top1"])
         return used
 

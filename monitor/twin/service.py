@@ -229,7 +229,8 @@ class Twin:
         online = envelope.status == "online"
         self._online.set(1 if online else 0)
         logger.info(
-            "primary status twin_id=%s session=%s status=%s version=%d",
+            # A retained status keeps the version of the moment it was published, often the session's start.
+            "primary status twin_id=%s session=%s status=%s version_when_published=%d",
             self.settings.twin_id,
             envelope.session_id,
             envelope.status,
